@@ -1,0 +1,36 @@
+"""afkern: fused kernels for AdapterFusion (Pfeiffer et al., 2021).
+
+N bottleneck adapters and their fusion attention as a few batched GEMMs and one row op,
+exactly equal to AdapterHub's ``adapters`` implementation, in place of BERT's output modules.
+"""
+
+__version__ = "0.1.0"
+
+from .activations import KERNEL_ACTIVATIONS
+from .backends import available_backends, resolve_backend
+from .block import FusedAdapterBlock
+from .config import AdapterConfig, FusionConfig
+from .patching import fused_blocks, fusion_regularization_loss, patch_bert, set_active_adapter, set_backend
+from .adapterhub import from_adapterhub, load_adapterhub, save_adapterhub
+from .analysis import fusion_weights, plot_fusion_weights, record_fusion_weights
+
+__all__ = [
+    "__version__",
+    "AdapterConfig",
+    "FusionConfig",
+    "FusedAdapterBlock",
+    "patch_bert",
+    "from_adapterhub",
+    "load_adapterhub",
+    "save_adapterhub",
+    "fusion_regularization_loss",
+    "set_backend",
+    "set_active_adapter",
+    "available_backends",
+    "resolve_backend",
+    "fused_blocks",
+    "fusion_weights",
+    "record_fusion_weights",
+    "plot_fusion_weights",
+    "KERNEL_ACTIVATIONS",
+]

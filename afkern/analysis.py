@@ -1,0 +1,76 @@
+"""Fusion weights for analysis: which adapters each layer attends to (the paper's Figure 4)."""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from .block import FusedAdapterBlock
+from .patching import fused_blocks
+
+__all__ = ["record_fusion_weights", "fusion_weights", "plot_fusion_weights"]
+
+
+def record_fusion_weights(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Make every fused block keep the softmax weights of its last forward (``block.fusion_weights``,
+    [..., N], detached, on the device: no host sync)."""
+    for _, b in fused_blocks(model):
+        b.record_fusion_weights = enabled
+        if not enabled:
+            b.fusion_weights = None
+    return model
+
+
+def fusion_weights(model: nn.Module, mask: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+    """{block name: mean fusion weight per adapter [N]} from the last recorded forward.
+
+    ``mask`` [batch, seq] (an attention mask) restricts the mean to real tokens. Tensors stay on
+    their device; nothing is synchronised.
+    """
+    out = {}
+    for name, b in fused_blocks(model):
+        w = b.fusion_weights
+        if w is None:
+            continue
+        if mask is not None and w.dim() == 3:
+            m = mask.to(w.dtype).unsqueeze(-1)
+            out[name] = (w * m).sum((0, 1)) / m.sum((0, 1)).clamp_min(1)
+        else:
+            out[name] = w.reshape(-1, w.shape[-1]).mean(0)
+    return out
+
+
+def plot_fusion_weights(weights: Dict[str, torch.Tensor], adapter_names: Sequence[str], path: str, title: str = "") -> str:
+    """Heatmap (layers x adapters) of mean fusion weights, written atomically to ``path`` (PNG)."""
+    import os
+    import tempfile
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not weights:
+        raise ValueError("no fusion weights to plot; run a forward with record_fusion_weights(model) first")
+    rows = list(weights)
+    data = torch.stack([weights[k].detach().float().cpu() for k in rows]).numpy()
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * len(adapter_names), 1.0 + 0.35 * len(rows)))
+    im = ax.imshow(data, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(adapter_names)), list(adapter_names), rotation=45, ha="right")
+    ax.set_yticks(range(len(rows)), [r.replace("encoder.layer.", "L").replace(".output", "") for r in rows])
+    for i in range(data.shape[0]):
+        for j in range(data.shape[1]):
+            ax.text(j, i, f"{data[i, j]:.2f}", ha="center", va="center", color="w" if data[i, j] < 0.5 else "k", fontsize=7)
+    fig.colorbar(im, ax=ax, label="mean fusion weight")
+    ax.set_title(title or "AdapterFusion weights per layer")
+    fig.tight_layout()
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,81 @@
+"""Reference path: the naive per-adapter AdapterFusion layer, written as AdapterHub computes it.
+
+This is the correctness oracle of afkern and the "before" of its benchmarks. It follows
+``adapters`` 1.3.0 line by line (``Adapter.pre_forward``, ``BottleneckLayer.compose_fuse``,
+``BertFusion.forward``, ``Adapter.post_forward``): N separate adapters, an [..., N, d]
+stack of their outputs, key and value maps applied to every adapter's output.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..activations import activation_fn
+from .params import FusionParams, LayerSpec
+
+__all__ = ["fusion_layer_reference", "block_prologue"]
+
+
+def block_prologue(h: torch.Tensor, input_tensor: torch.Tensor, P: FusionParams, spec: LayerSpec):
+    """``Adapter.pre_forward``: returns (x, query, residual) where x feeds the adapters."""
+    residual = h if spec.residual_before_ln is True else None
+    query = h if spec.fusion and spec.query_before_ln else None
+    x = h
+    if spec.original_ln_before:
+        x = h + input_tensor
+        if spec.residual_before_ln == "post_add":
+            residual = x
+        x = F.layer_norm(x, (spec.hidden,), P.ln_weight, P.ln_bias, spec.ln_eps)
+    if not spec.residual_before_ln:
+        residual = x
+    if query is None:
+        query = x
+    return x, query, residual
+
+
+def _adapter_up(x: torch.Tensor, P: FusionParams, n: int, act) -> torch.Tensor:
+    down = act(F.linear(x, P.down_weight[n], P.down_bias[n]))
+    return F.linear(down, P.up_weight[n].t(), P.up_bias[n])
+
+
+def fusion_layer_reference(
+    h: torch.Tensor,
+    input_tensor: torch.Tensor,
+    P: FusionParams,
+    spec: LayerSpec,
+    inv_temperature: float = 1.0,
+    score_scale: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Naive layer. ``h`` is BertOutput's ``dropout(dense(.))``; returns (output, fusion probs).
+
+    ``score_scale`` is the score-dropout scale (0 or 1/(1-p) per token and adapter) or None.
+    """
+    act = activation_fn(spec.activation)
+    x, query, residual = block_prologue(h, input_tensor, P, spec)
+    if not spec.fusion:
+        up = _adapter_up(x, P, spec.active, act)
+        hidden = up + residual
+        probs = None
+    else:
+        ups = [_adapter_up(x, P, n, act) for n in range(spec.n_adapters)]
+        value = torch.stack(ups, dim=-2)  # [..., N, d]
+        if spec.residual_before:
+            # AdapterHub adds in place to the tensor that is also the key.
+            value = value + residual.unsqueeze(-2)
+        key = value
+        q = F.linear(query, P.query_weight, P.query_bias) if spec.query else query
+        k = F.linear(key, P.key_weight, P.key_bias) if spec.key else key
+        v = F.linear(value, P.value_weight) if spec.value else value
+        scores = torch.matmul(q.unsqueeze(-2), k.transpose(-2, -1)).squeeze(-2)  # [..., N]
+        if score_scale is not None:
+            scores = scores * score_scale.reshape(scores.shape).to(scores.dtype)
+        probs = torch.softmax(scores * inv_temperature, dim=-1)
+        hidden = torch.matmul(probs.unsqueeze(-2), v).squeeze(-2)
+        if not spec.residual_before:
+            hidden = hidden + residual
+    if spec.original_ln_after:
+        hidden = F.layer_norm(hidden + input_tensor, (spec.hidden,), P.ln_weight, P.ln_bias, spec.ln_eps)
+    return hidden, probs

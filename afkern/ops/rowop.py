@@ -1,0 +1,99 @@
+"""The fusion row op: the only N-wide, non-GEMM work of a re-associated fusion layer.
+
+Math (DESIGN.md section 2), per token t, adapters n = 1..N, bottleneck r:
+
+    Z   [T, N*r]  = x @ Wd_cat^T + bd            (pre-activation of all N down-projections)
+    A   [T, N*r]  = q' @ Wu_cat^T                 (query pulled back through each up-projection)
+    sb  [T, N]    = q' @ bu^T                     (query . up-projection bias), optional
+    G_n           = act(Z_n)
+    s_n           = sum_r A_nr G_nr + sb_n        (== q' . up_n up to a constant over n)
+    s~            = s * M                         (M: score-dropout scale, 0 or 1/(1-p); 1 if none)
+    p             = softmax(s~ * inv_temperature) over n
+    Y_n           = p_n G_n                       (so sum_n p_n up_n = Y @ Wu_cat + p @ bu)
+
+Backward, from upstream dY [T, N*r] and dp [T, N]:
+
+    g_n   = sum_r dY_nr G_nr + dp_n
+    ds_n  = p_n (g_n - sum_m p_m g_m) * inv_temperature * M_n
+    dG_n  = p_n dY_n + ds_n A_n
+    dA_n  = ds_n G_n
+    dsb_n = ds_n
+    dZ    = dG * act'(Z)
+
+This file is the plain-torch statement of that contract (float32 math whatever the input
+dtype). The Triton kernels (``afkern.kernels.fusion``) and the CUDA ops (``csrc/``) are
+tested against it, and it against autograd.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ..activations import activation_fn, activation_grad
+
+__all__ = ["rowop_forward", "rowop_backward"]
+
+
+def _check(Z: torch.Tensor, A: torch.Tensor, sb: Optional[torch.Tensor], n_adapters: int):
+    if Z.dim() != 2 or A.shape != Z.shape:
+        raise ValueError(f"rowop expects Z and A of the same shape [T, N*r], got {tuple(Z.shape)} and {tuple(A.shape)}")
+    if n_adapters < 1 or Z.shape[1] % n_adapters:
+        raise ValueError(f"rowop: width {Z.shape[1]} is not a multiple of the adapter count {n_adapters}")
+    if sb is not None and sb.shape != (Z.shape[0], n_adapters):
+        raise ValueError(f"rowop expects sb of shape [T, N] = {(Z.shape[0], n_adapters)}, got {tuple(sb.shape)}")
+
+
+def rowop_forward(
+    Z: torch.Tensor,
+    A: torch.Tensor,
+    sb: Optional[torch.Tensor],
+    n_adapters: int,
+    activation: str,
+    inv_temperature: float = 1.0,
+    score_scale: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Forward of the row op. Returns ``Y`` [T, N*r] in Z's dtype and ``p`` [T, N] in float32."""
+    _check(Z, A, sb, n_adapters)
+    T, W = Z.shape
+    r = W // n_adapters
+    G = activation_fn(activation)(Z.float()).view(T, n_adapters, r)
+    s = (A.float().view(T, n_adapters, r) * G).sum(-1)
+    if sb is not None:
+        s = s + sb.float()
+    if score_scale is not None:
+        s = s * score_scale.float()
+    p = torch.softmax(s * inv_temperature, dim=-1)
+    Y = (G * p.unsqueeze(-1)).view(T, W)
+    return Y.to(Z.dtype), p
+
+
+def rowop_backward(
+    dY: torch.Tensor,
+    dp: Optional[torch.Tensor],
+    Z: torch.Tensor,
+    A: torch.Tensor,
+    p: torch.Tensor,
+    n_adapters: int,
+    activation: str,
+    inv_temperature: float = 1.0,
+    score_scale: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of the row op. Returns ``dZ``, ``dA`` (Z's dtype) and ``dsb`` [T, N] (float32)."""
+    T, W = Z.shape
+    r = W // n_adapters
+    Zf = Z.float()
+    G = activation_fn(activation)(Zf).view(T, n_adapters, r)
+    dYf = dY.float().view(T, n_adapters, r)
+    p = p.float()
+    g = (dYf * G).sum(-1)
+    if dp is not None:
+        g = g + dp.float()
+    ds = p * (g - (p * g).sum(-1, keepdim=True)) * inv_temperature
+    if score_scale is not None:
+        ds = ds * score_scale.float()
+    dG = p.unsqueeze(-1) * dYf + ds.unsqueeze(-1) * A.float().view(T, n_adapters, r)
+    dA = ds.unsqueeze(-1) * G
+    dZ = dG.view(T, W) * activation_grad(activation, Zf)
+    return dZ.to(Z.dtype), dA.view(T, W).to(A.dtype), ds

@@ -1,0 +1,1 @@
+"""Triton kernels of afkern (installed as ``afkern.kernels``)."""
