@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from ..activations import activation_fn
 from .params import FusionParams, LayerSpec
 from .reference import block_prologue
+from .rowop import acc
 
 __all__ = ["FoldedWeights", "fold_weights", "fusion_layer_torch", "rowop_autograd_torch", "add_layer_norm_torch"]
 
@@ -46,7 +47,7 @@ def rowop_autograd_torch(Z, A, sb, n_adapters, activation, inv_temperature=1.0, 
         s = s + sb
     if score_scale is not None:
         s = s * score_scale.to(s.dtype)
-    p = torch.softmax(s.float() * inv_temperature, dim=-1)
+    p = torch.softmax(acc(s) * inv_temperature, dim=-1)
     Y = (G * p.to(G.dtype).unsqueeze(-1)).view(T, W)
     return Y, p
 
@@ -117,6 +118,17 @@ def fold_weights(P: FusionParams, spec: LayerSpec) -> FoldedWeights:
     return FoldedWeights(cast(w_in), cast(b_in), cast(qw), cast(qb), cast(w_out), cast(w_res))
 
 
+def _shared_score(query, qp, residual, P: FusionParams, spec: LayerSpec) -> torch.Tensor:
+    """[T] score term shared by all adapters: ``q . bk`` (+ ``q' . residual`` under residual_before)."""
+    c = torch.zeros_like(qp[:, 0])
+    if spec.key:
+        q = F.linear(query, P.query_weight, P.query_bias) if spec.query else query
+        c = c + q @ P.key_bias
+    if spec.residual_before:
+        c = c + (qp * residual).sum(-1)
+    return c
+
+
 def _prologue(h, input_tensor, P, spec, add_ln: AddLNFn):
     if spec.original_ln_before and spec.residual_before_ln != "post_add":
         x = add_ln(h, input_tensor, P.ln_weight, P.ln_bias, spec.ln_eps)
@@ -153,6 +165,8 @@ def fusion_layer_torch(
         probs = None
     else:
         NR = N * r
+        if score_scale is not None:
+            folded = None  # the folded weights drop the score terms that dropout makes matter
         if folded is not None:
             if folded.w_q is None:
                 zab = torch.addmm(folded.b_in, x, folded.w_in)
@@ -170,6 +184,11 @@ def fusion_layer_torch(
                 qp = qp @ P.key_weight
             A = qp @ Wu.t()
             sb = qp @ P.up_bias.t()
+            if score_scale is not None:
+                # Score dropout multiplies each adapter's full score, so the terms that are equal
+                # for every adapter (q . bk, and q' . residual under residual_before) no longer
+                # cancel in the softmax: add them back.
+                sb = sb + _shared_score(query, qp, residual, P, spec).unsqueeze(-1)
         Y, probs = rowop(Z, A, sb, N, spec.activation, inv_temperature, score_scale)
         if folded is not None:
             hidden = torch.cat([Y, probs.to(Y.dtype)], dim=1) @ folded.w_out

@@ -4,7 +4,9 @@ Math (DESIGN.md section 2), per token t, adapters n = 1..N, bottleneck r:
 
     Z   [T, N*r]  = x @ Wd_cat^T + bd            (pre-activation of all N down-projections)
     A   [T, N*r]  = q' @ Wu_cat^T                 (query pulled back through each up-projection)
-    sb  [T, N]    = q' @ bu^T                     (query . up-projection bias), optional
+    sb  [T, N]    = q' @ bu^T (+ shared term)     (query . up-projection bias), optional; under
+                                                  score dropout it also carries the terms equal
+                                                  for all adapters (q . bk, ...), which then matter
     G_n           = act(Z_n)
     s_n           = sum_r A_nr G_nr + sb_n        (== q' . up_n up to a constant over n)
     s~            = s * M                         (M: score-dropout scale, 0 or 1/(1-p); 1 if none)
@@ -21,7 +23,7 @@ Backward, from upstream dY [T, N*r] and dp [T, N]:
     dZ    = dG * act'(Z)
 
 This file is the plain-torch statement of that contract (float32 math whatever the input
-dtype). The Triton kernels (``afkern.kernels.fusion``) and the CUDA ops (``csrc/``) are
+dtype, float64 for float64 inputs). The Triton kernels (``afkern.kernels.fusion``) and the CUDA ops (``csrc/``) are
 tested against it, and it against autograd.
 """
 
@@ -33,7 +35,12 @@ import torch
 
 from ..activations import activation_fn, activation_grad
 
-__all__ = ["rowop_forward", "rowop_backward"]
+__all__ = ["rowop_forward", "rowop_backward", "acc"]
+
+
+def acc(t: torch.Tensor) -> torch.Tensor:
+    """The accumulation dtype: float32 for 16/32-bit inputs, float64 stays float64."""
+    return t if t.dtype == torch.float64 else t.float()
 
 
 def _check(Z: torch.Tensor, A: torch.Tensor, sb: Optional[torch.Tensor], n_adapters: int):
@@ -54,16 +61,17 @@ def rowop_forward(
     inv_temperature: float = 1.0,
     score_scale: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Forward of the row op. Returns ``Y`` [T, N*r] in Z's dtype and ``p`` [T, N] in float32."""
+    """Forward of the row op. Returns ``Y`` [T, N*r] in Z's dtype and ``p`` [T, N] in the
+    accumulation dtype (float32; float64 for float64 inputs)."""
     _check(Z, A, sb, n_adapters)
     T, W = Z.shape
     r = W // n_adapters
-    G = activation_fn(activation)(Z.float()).view(T, n_adapters, r)
-    s = (A.float().view(T, n_adapters, r) * G).sum(-1)
+    G = activation_fn(activation)(acc(Z)).view(T, n_adapters, r)
+    s = (acc(A).view(T, n_adapters, r) * G).sum(-1)
     if sb is not None:
-        s = s + sb.float()
+        s = s + acc(sb)
     if score_scale is not None:
-        s = s * score_scale.float()
+        s = s * score_scale.to(s.dtype)
     p = torch.softmax(s * inv_temperature, dim=-1)
     Y = (G * p.unsqueeze(-1)).view(T, W)
     return Y.to(Z.dtype), p
@@ -80,20 +88,20 @@ def rowop_backward(
     inv_temperature: float = 1.0,
     score_scale: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward of the row op. Returns ``dZ``, ``dA`` (Z's dtype) and ``dsb`` [T, N] (float32)."""
+    """Backward of the row op. Returns ``dZ``, ``dA`` (Z's dtype) and ``dsb`` [T, N] (accumulation dtype)."""
     T, W = Z.shape
     r = W // n_adapters
-    Zf = Z.float()
+    Zf = acc(Z)
     G = activation_fn(activation)(Zf).view(T, n_adapters, r)
-    dYf = dY.float().view(T, n_adapters, r)
-    p = p.float()
+    dYf = acc(dY).view(T, n_adapters, r)
+    p = p.to(Zf.dtype)
     g = (dYf * G).sum(-1)
     if dp is not None:
-        g = g + dp.float()
+        g = g + dp.to(g.dtype)
     ds = p * (g - (p * g).sum(-1, keepdim=True)) * inv_temperature
     if score_scale is not None:
-        ds = ds * score_scale.float()
-    dG = p.unsqueeze(-1) * dYf + ds.unsqueeze(-1) * A.float().view(T, n_adapters, r)
+        ds = ds * score_scale.to(ds.dtype)
+    dG = p.unsqueeze(-1) * dYf + ds.unsqueeze(-1) * acc(A).view(T, n_adapters, r)
     dA = ds.unsqueeze(-1) * G
     dZ = dG.view(T, W) * activation_grad(activation, Zf)
     return dZ.to(Z.dtype), dA.view(T, W).to(A.dtype), ds

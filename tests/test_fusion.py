@@ -1,0 +1,213 @@
+"""Torch fast path (re-associated algebra) and the row op against the naive reference path."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from afkern.activations import KERNEL_ACTIVATIONS, activation_grad, activation_fn, ACTIVATIONS
+from afkern.ops.fusion import fold_weights, fusion_layer_torch, rowop_autograd_torch
+from afkern.ops.params import FusionParams
+from afkern.ops.reference import fusion_layer_reference
+from afkern.ops.rowop import rowop_backward, rowop_forward
+
+from conftest import TOL, make_params, make_spec, rel_err
+
+CONFIGS = {
+    "dynamic": dict(),
+    "static": dict(value=False),
+    "no_query": dict(query=False),
+    "no_key": dict(key=False),
+    "no_qkv": dict(query=False, key=False, value=False),
+    "residual_before": dict(residual_before=True),
+    "residual_before_static": dict(residual_before=True, value=False),
+    "query_before_ln": dict(query_before_ln=True),
+    "residual_after_ln": dict(residual_before_ln=False),
+    "residual_post_add": dict(residual_before_ln="post_add"),
+    "houlsby": dict(original_ln_before=False, activation="silu"),
+    "no_ln_after": dict(original_ln_after=False),
+    "single_adapter": dict(fusion=False, active=1),
+}
+
+
+def _params_for(cfg, N, r, d, dtype, seed=0):
+    return make_params(N, r, d, dtype=dtype, seed=seed, value=cfg.get("value", True),
+                       query=cfg.get("query", True), key=cfg.get("key", True))
+
+
+def _inputs(T, d, dtype, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(T, d, generator=g, dtype=torch.float64).to(dtype)
+    x = torch.randn(T, d, generator=g, dtype=torch.float64).to(dtype)
+    return h, x
+
+
+def _leaves(P: FusionParams):
+    return {f.name: getattr(P, f.name) for f in dataclasses.fields(P) if getattr(P, f.name) is not None}
+
+
+def _assert_grads_close(g_f, g_r, atol, rtol):
+    for k in g_r:
+        a, b = g_f[k], g_r[k]
+        if a is None or b is None:
+            # a parameter the math cancels (e.g. the key bias, constant over adapters) gets no
+            # gradient on one path and an exactly-zero one on the other
+            other = b if a is None else a
+            assert other is None or other.abs().max() < 1e-9, f"grad {k}: one path has none, the other {other.abs().max()}"
+            continue
+        torch.testing.assert_close(a, b, atol=atol, rtol=rtol, msg=lambda m: f"grad {k}: {m}")
+
+
+def _run(fn, h, x, P, spec, **kw):
+    leaves = _leaves(P)
+    hh, xx = h.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    Pg = FusionParams(**{k: v.clone().requires_grad_(True) for k, v in leaves.items()})
+    out, probs = fn(hh, xx, Pg, spec, **kw)
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)
+    loss = (out * w).sum()
+    if probs is not None:  # also push a gradient through the returned fusion weights
+        loss = loss + (probs * torch.arange(probs.shape[-1], dtype=probs.dtype)).sum()
+    loss.backward()
+    grads = {"h": hh.grad, "input_tensor": xx.grad}
+    grads.update({k: getattr(Pg, k).grad for k in leaves})
+    return out, probs, grads
+
+
+# ----------------------------------------------------------------------------- row op
+@pytest.mark.parametrize("act", sorted(KERNEL_ACTIVATIONS) + ["relu6", "mish"])
+def test_activation_grad_closed_form(act):
+    z = torch.linspace(-4, 4, 101, dtype=torch.float64).requires_grad_(True)
+    (g,) = torch.autograd.grad(activation_fn(act)(z).sum(), z)
+    keep = (z.detach() - 0).abs() > 1e-6  # relu-likes are not differentiable at 0
+    keep &= (z.detach() - 6).abs() > 1e-6
+    assert torch.allclose(activation_grad(act, z.detach())[keep], g[keep], atol=1e-10)
+
+
+@pytest.mark.parametrize("act", sorted(KERNEL_ACTIVATIONS))
+@pytest.mark.parametrize("T,N,r", [(1, 1, 1), (7, 3, 5), (33, 16, 2)])
+@pytest.mark.parametrize("with_sb,with_mask", [(True, False), (False, True)])
+def test_rowop_forward_backward_match_autograd(act, T, N, r, with_sb, with_mask):
+    g = torch.Generator().manual_seed(T * 100 + N)
+    Z = torch.randn(T, N * r, generator=g, dtype=torch.float64).requires_grad_(True)
+    A = torch.randn(T, N * r, generator=g, dtype=torch.float64).requires_grad_(True)
+    sb = torch.randn(T, N, generator=g, dtype=torch.float64).requires_grad_(True) if with_sb else None
+    mask = ((torch.rand(T, N, generator=g) > 0.3).double() / 0.7) if with_mask else None
+    it = 0.37
+    Y, p = rowop_autograd_torch(Z, A, sb, N, act, it, mask)
+    Y2, p2 = rowop_forward(Z.detach(), A.detach(), None if sb is None else sb.detach(), N, act, it, mask)
+    torch.testing.assert_close(Y2, Y.detach(), atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(p2.double(), p.detach().double(), atol=1e-7, rtol=1e-6)  # p is float32
+    dY = torch.randn(Y.shape, generator=g, dtype=torch.float64)
+    dp = torch.randn(p.shape, generator=g, dtype=torch.float64)
+    ins = [Z, A] + ([sb] if sb is not None else [])
+    grads = torch.autograd.grad((Y * dY).sum() + (p.double() * dp).sum(), ins)
+    dZ, dA, dsb = rowop_backward(dY, dp, Z.detach(), A.detach(), p.detach(), N, act, it, mask)
+    torch.testing.assert_close(dZ, grads[0], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(dA, grads[1], atol=1e-6, rtol=1e-5)
+    if sb is not None:
+        torch.testing.assert_close(dsb.double(), grads[2], atol=1e-6, rtol=1e-5)
+
+
+def test_rowop_rejects_bad_shapes():
+    Z = torch.zeros(4, 6)
+    with pytest.raises(ValueError, match="multiple of the adapter count"):
+        rowop_forward(Z, Z, None, 4, "relu")
+    with pytest.raises(ValueError, match="same shape"):
+        rowop_forward(Z, torch.zeros(4, 5), None, 3, "relu")
+    with pytest.raises(ValueError, match=r"sb of shape \[T, N\]"):
+        rowop_forward(Z, Z, torch.zeros(4, 2), 3, "relu")
+
+
+# ----------------------------------------------------------------------------- layer
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("T,N,r,d", [(1, 1, 3, 24), (7, 3, 5, 40), (123, 16, 2, 24)])
+def test_fast_path_matches_reference_float64(name, T, N, r, d):
+    cfg = CONFIGS[name]
+    if cfg.get("fusion") is False and N == 1:
+        cfg = dict(cfg, active=0)
+    spec = make_spec(N, r, d, **cfg)
+    P = _params_for(cfg, N, r, d, torch.float64)
+    h, x = _inputs(T, d, torch.float64)
+    it = 0.5
+    out_r, p_r, g_r = _run(fusion_layer_reference, h, x, P, spec, inv_temperature=it)
+    out_f, p_f, g_f = _run(fusion_layer_torch, h, x, P, spec, inv_temperature=it)
+    torch.testing.assert_close(out_f, out_r, atol=1e-10, rtol=1e-9)
+    if p_r is not None:
+        torch.testing.assert_close(p_f.double(), p_r.double(), atol=1e-6, rtol=1e-5)
+        if N > 1:  # a one-hot or uniform softmax would hide wrong scores
+            assert p_r.max(-1).values.mean() < 0.95 and p_r.std() > 1e-3, "softmax must not be degenerate in a test"
+    _assert_grads_close(g_f, g_r, 1e-8, 1e-7)
+    # the inference path with folded weights
+    with torch.no_grad():
+        out_fold, p_fold = fusion_layer_torch(h, x, P, spec, it, folded=fold_weights(P, spec) if spec.fusion else None)
+    torch.testing.assert_close(out_fold, out_r.detach(), atol=1e-10, rtol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["dynamic", "residual_before", "query_before_ln", "houlsby"])
+def test_score_dropout_mask_matches_reference(name):
+    N, r, d, T = 3, 4, 24, 9
+    cfg = CONFIGS[name]
+    spec = make_spec(N, r, d, **cfg)
+    P = _params_for(cfg, N, r, d, torch.float64)
+    h, x = _inputs(T, d, torch.float64)
+    mask = (torch.rand(T, N, generator=torch.Generator().manual_seed(3)) > 0.4).double() / 0.6
+    out_r, _, g_r = _run(fusion_layer_reference, h, x, P, spec, score_scale=mask)
+    out_f, _, g_f = _run(fusion_layer_torch, h, x, P, spec, score_scale=mask)
+    torch.testing.assert_close(out_f, out_r, atol=1e-10, rtol=1e-9)
+    _assert_grads_close(g_f, g_r, 1e-8, 1e-7)
+
+
+@pytest.mark.parametrize("name", ["dynamic", "static", "residual_before", "query_before_ln", "residual_post_add"])
+def test_gradcheck_float64(name):
+    N, r, d, T = 3, 2, 8, 5
+    cfg = CONFIGS[name]
+    spec = make_spec(N, r, d, **dict(cfg, activation="tanh"))  # smooth activation for finite differences
+    P = _params_for(cfg, N, r, d, torch.float64)
+    h, x = _inputs(T, d, torch.float64)
+    leaves = _leaves(P)
+    keys = list(leaves)
+
+    def f(hh, xx, *ts):
+        out, probs = fusion_layer_torch(hh, xx, FusionParams(**dict(zip(keys, ts))), spec, 0.7)
+        return out, probs.double()
+
+    inputs = [h.requires_grad_(True), x.requires_grad_(True)] + [leaves[k].clone().requires_grad_(True) for k in keys]
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["dynamic", "static", "houlsby"])
+def test_low_precision_within_tolerance_and_2x_torch_error(dtype, name):
+    """Fast path in float32/bfloat16 vs the float64 reference: within the dtype tolerance and no
+    worse than 2x the error of the reference path itself run in the same dtype (+ a small floor)."""
+    N, r, d, T = 16, 6, 40, 123
+    cfg = CONFIGS[name]
+    spec = make_spec(N, r, d, **cfg)
+    P64 = _params_for(cfg, N, r, d, torch.float64)
+    Plo = FusionParams(**{k: (None if v is None else v.to(dtype)) for k, v in P64.__dict__.items()})
+    h, x = _inputs(T, d, torch.float64)
+    ref64, _, g64 = _run(fusion_layer_reference, h, x, P64, spec)
+    reflo, _, glo_ref = _run(fusion_layer_reference, h.to(dtype), x.to(dtype), Plo, spec)
+    fast, _, glo = _run(fusion_layer_torch, h.to(dtype), x.to(dtype), Plo, spec)
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(fast.double(), ref64, atol=atol * 10, rtol=rtol * 10)
+    floor = 1e-6 if dtype == torch.float32 else 4e-3
+    assert rel_err(fast, ref64) <= 2 * rel_err(reflo, ref64) + floor
+    for k in g64:
+        if glo[k] is None:  # cancelled in the algebra (key bias): the reference's is ~0 too
+            assert g64[k].abs().max() < 1e-9, k
+            continue
+        assert rel_err(glo[k], g64[k]) <= 2 * rel_err(glo_ref[k], g64[k]) + floor * 5, k
+
+
+def test_folded_weights_match_unfolded_float32():
+    N, r, d, T = 16, 3, 40, 31
+    spec = make_spec(N, r, d)
+    P = make_params(N, r, d, dtype=torch.float32)
+    h, x = _inputs(T, d, torch.float32)
+    with torch.no_grad():
+        a, pa = fusion_layer_torch(h, x, P, spec)
+        b, pb = fusion_layer_torch(h, x, P, spec, folded=fold_weights(P, spec))
+    assert rel_err(b, a) < 1e-6
+    torch.testing.assert_close(pb, pa, atol=1e-5, rtol=1e-5)
