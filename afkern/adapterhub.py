@@ -230,6 +230,9 @@ def from_adapterhub(model: nn.Module, backend: str = "auto") -> nn.Module:
     for attr in ("adapters", "adapter_config"):
         if hasattr(config, attr):
             delattr(config, attr)
+    impl = getattr(base.config, "_attn_implementation", None)
+    if impl is not None:  # keep the attention kernel (eager / sdpa) the adapters model runs
+        config._attn_implementation = impl
     plain = cls(config)
     p0 = next(base.parameters())
     plain.to(device=p0.device, dtype=p0.dtype)
@@ -336,6 +339,14 @@ def load_adapterhub(model: nn.Module, adapter_dirs, fusion_dir: Optional[str] = 
     for i, layer in enumerate(layers):
         for loc, (parent, attr) in output_sites(layer).items():
             have = [n for n in names if (i, loc) in weights[n]]
+            placed = [n for n in names if i not in configs[n].leave_out
+                      and (configs[n].mh_adapter if loc == "attention" else configs[n].output_adapter)]
+            lacking = [n for n in placed if n not in have]
+            if lacking:
+                raise ValueError(
+                    f"adapters {lacking} have no weights for layer {i} {loc}, where their config places an adapter "
+                    f"(saved from a model with fewer layers? the model has {len(layers)})"
+                )
             if not have:
                 continue
             if len(have) != len(names):

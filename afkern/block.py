@@ -114,6 +114,8 @@ class FusedAdapterBlock(nn.Module):
         self.fusion_weights: Optional[torch.Tensor] = None
         self._fold_key = None
         self._folded: Optional[FoldedWeights] = None
+        # inference-time control of the fusion weights (afkern.control); None: plain fusion
+        self.fusion_control = None
 
     # ------------------------------------------------------------------ init
     @torch.no_grad()
@@ -264,6 +266,13 @@ class FusedAdapterBlock(nn.Module):
                 "(model.to(dtype)) or run under torch.autocast"
             )
 
+    def score_dropout_scale(self, tokens: int, device) -> torch.Tensor:
+        """The score-dropout scale [tokens, N] for one training forward: 0 for a dropped score,
+        1/(1-p) for a kept one (nn.Dropout's rule). Drawn from torch's RNG, so ``torch.manual_seed``
+        reproduces it; every backend, forward and backward, uses this one tensor."""
+        keep = torch.rand(tokens, self.n_adapters, device=device) >= self.score_dropout
+        return keep.to(torch.float32) / (1.0 - self.score_dropout)
+
     def _needs_grad(self) -> bool:
         return torch.is_grad_enabled() and any(t.requires_grad for t in self._fusion_tensors())
 
@@ -279,12 +288,13 @@ class FusedAdapterBlock(nn.Module):
         name = resolve_backend(self._backend, h2.device, spec)
         score_scale = None
         if spec.fusion and self.training and self.score_dropout > 0:
-            keep = torch.rand(h2.shape[0], spec.n_adapters, device=h2.device) >= self.score_dropout
-            score_scale = keep.to(torch.float32) / (1.0 - self.score_dropout)
+            score_scale = self.score_dropout_scale(h2.shape[0], h2.device)
         folded = None
         if spec.fusion and name != "reference" and not self._needs_grad() and h2.dtype == self.down_weight.dtype:
             folded = self.folded_weights()
-        out, probs = get_layer_fn(name)(h2, x2, self.params(), spec, 1.0 / self._temperature, score_scale, folded)
+        ctrl = self.fusion_control if spec.fusion else None
+        layer_fn = get_layer_fn(name) if ctrl is None else ctrl.layer_fn(name)
+        out, probs = layer_fn(h2, x2, self.params(), spec, 1.0 / self._temperature, score_scale, folded)
         if spec.fusion and self.fusion_config.temperature:
             self._temperature = max(self._temperature - _T_START / 1000.0, 1.0)
         if self.record_fusion_weights and probs is not None:

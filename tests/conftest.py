@@ -52,6 +52,8 @@ def perturb_(module, scale=0.2, seed=0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
+            if "attention.self." in name:  # the base model's own attention stays pretrained
+                continue
             if any(s in name for s in ("adapter", "down_", "up_", "query", "key", "value")):
                 p.add_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * scale)
     return module

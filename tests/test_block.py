@@ -1,0 +1,256 @@
+"""FusedAdapterBlock: API, backends, temperature, dropout, fold cache, bad input."""
+
+import copy
+
+import pytest
+import torch
+
+import afkern
+from afkern import AdapterConfig, FusedAdapterBlock, FusionConfig
+
+from conftest import perturb_, rel_err
+
+
+def _block(d=40, names=("a", "b", "c"), **kw):
+    torch.manual_seed(0)
+    b = FusedAdapterBlock(d, list(names), in_features=kw.pop("in_features", 72), **kw)
+    return perturb_(b)
+
+
+def test_forward_shapes_3d_and_2d_and_backends_agree():
+    b = _block().eval()
+    hs, it = torch.randn(2, 7, 72), torch.randn(2, 7, 40)
+    outs = {}
+    for name in ("reference", "torch"):
+        b.set_backend(name)
+        outs[name] = b(hs, it)
+        assert outs[name].shape == (2, 7, 40)
+    assert rel_err(outs["torch"], outs["reference"]) < 1e-6
+    b.set_backend("torch")
+    flat = b(hs.reshape(14, 72), it.reshape(14, 40))
+    torch.testing.assert_close(flat.reshape(2, 7, 40), outs["torch"])
+
+
+def test_block_gradients_match_reference_backend():
+    b = _block(fusion_config=FusionConfig.dynamic()).train()
+    b.dropout.p = 0.0
+    b.score_dropout = 0.0
+    hs, it = torch.randn(3, 5, 72, requires_grad=True), torch.randn(3, 5, 40, requires_grad=True)
+    grads = {}
+    for name in ("reference", "torch"):
+        b.zero_grad()
+        hs.grad = it.grad = None
+        b.set_backend(name)
+        (b(hs, it) * torch.linspace(-1, 1, 40)).sum().backward()
+        grads[name] = {"hs": hs.grad.clone(), "it": it.grad.clone()}
+        grads[name].update({k: p.grad.clone() for k, p in b.named_parameters() if p.grad is not None})
+    for k, v in grads["reference"].items():
+        if k == "key.bias":  # cancels in the softmax: zero on the reference path, absent on the fast one
+            assert v.abs().max() < 1e-5 and k not in grads["torch"]
+            continue
+        assert rel_err(grads["torch"][k], v) < 1e-5, k
+
+
+def test_fold_cache_is_never_stale():
+    b = _block().eval()
+    hs, it = torch.randn(9, 72), torch.randn(9, 40)
+    with torch.no_grad():
+        y0 = b(hs, it)
+        f0 = b._folded
+        assert b(hs, it).equal(y0) and b._folded is f0  # cached
+        b.value.weight.mul_(1.1)  # in-place change: version bump
+        y1 = b(hs, it)
+        assert b._folded is not f0 and not torch.allclose(y1, y0)
+        b.set_backend("reference")
+        assert rel_err(y1, b(hs, it)) < 1e-6
+        b.set_backend("torch")
+        b.load_state_dict({k: v * 0.9 if "up_" in k else v for k, v in b.state_dict().items()})
+        y2 = b(hs, it)
+        b.set_backend("reference")
+        assert rel_err(y2, b(hs, it)) < 1e-6
+
+
+def test_fold_used_in_eval_only_when_no_grad_needed():
+    b = _block().eval()
+    hs, it = torch.randn(4, 72), torch.randn(4, 40)
+    y = b(hs, it)  # grad enabled, params require grad -> unfolded, differentiable
+    assert y.requires_grad and b._folded is None
+    with torch.no_grad():
+        b(hs, it)
+    assert b._folded is not None
+
+
+def test_temperature_anneals_like_adapterhub_and_travels_in_state_dict():
+    b = _block(fusion_config=FusionConfig.dynamic(temperature=True)).eval()
+    assert b.temperature == 50.0
+    hs, it = torch.randn(4, 72), torch.randn(4, 40)
+    for _ in range(3):
+        b(hs, it)
+    assert b.temperature == pytest.approx(50.0 - 3 * 0.05)
+    sd = b.state_dict()
+    fresh = _block(fusion_config=FusionConfig.dynamic(temperature=True))
+    fresh.load_state_dict(sd)
+    assert fresh.temperature == pytest.approx(b.temperature)
+    b.temperature = 1.02
+    b(hs, it)
+    b(hs, it)
+    assert b.temperature == 1.0
+
+
+def test_score_dropout_only_in_training_and_uses_rate_rule():
+    b = _block(attention_probs_dropout_prob=0.3)
+    assert b.score_dropout == 0.3  # dropout_prob None -> model's attention_probs_dropout_prob
+    b2 = _block(fusion_config=FusionConfig.dynamic(dropout_prob=0.2))
+    assert b2.score_dropout == 0.2
+    b.dropout.p = 0.0
+    hs, it = torch.randn(64, 72), torch.randn(64, 40)
+    b.train()
+    torch.manual_seed(1)
+    y1 = b(hs, it)
+    torch.manual_seed(2)
+    y2 = b(hs, it)
+    assert not torch.allclose(y1, y2)  # scores dropped differently
+    b.eval()
+    assert torch.allclose(b(hs, it), b(hs, it))
+
+
+def test_score_dropout_same_mask_reference_and_torch():
+    b = _block(attention_probs_dropout_prob=0.4).train()
+    b.dropout.p = 0.0
+    hs, it = torch.randn(33, 72), torch.randn(33, 40)
+    outs = []
+    for name in ("reference", "torch"):
+        b.set_backend(name)
+        torch.manual_seed(5)
+        outs.append(b(hs, it))
+    assert rel_err(outs[1], outs[0]) < 1e-6
+
+
+def test_fusion_weights_recorded_without_sync():
+    b = _block().eval()
+    b.record_fusion_weights = True
+    with torch.no_grad():
+        b(torch.randn(2, 3, 72), torch.randn(2, 3, 40))
+    w = b.fusion_weights
+    assert w.shape == (2, 3, 3) and not w.requires_grad
+    torch.testing.assert_close(w.sum(-1), torch.ones(2, 3))
+
+
+def test_single_adapter_mode_equals_adapter_plus_residual():
+    b = _block(fusion_config=False).eval()
+    assert b.active_adapter == "a"
+    b.active_adapter = "b"
+    hs, it = torch.randn(5, 72), torch.randn(5, 40)
+    h = b.dense(hs)
+    x = b.LayerNorm(h + it)
+    up = torch.relu(x @ b.down_weight[1].t() + b.down_bias[1]) @ b.up_weight[1] + b.up_bias[1]
+    expect = b.LayerNorm(up + h + it)
+    for name in ("reference", "torch"):
+        b.set_backend(name)
+        torch.testing.assert_close(b(hs, it), expect, atol=1e-5, rtol=1e-5)
+
+
+def test_static_fusion_has_no_value_and_regularization_loss():
+    torch.manual_seed(0)
+    from transformers import BertConfig, BertModel
+
+    m = BertModel(BertConfig(hidden_size=24, num_hidden_layers=2, num_attention_heads=2, intermediate_size=30, vocab_size=50))
+    afkern.patch_bert(m, ["x", "y"], fusion_config=FusionConfig.static())
+    assert all(b.value is None for _, b in afkern.fused_blocks(m))
+    assert afkern.fusion_regularization_loss(m).item() == 0.0
+    m2 = BertModel(BertConfig(hidden_size=24, num_hidden_layers=2, num_attention_heads=2, intermediate_size=30, vocab_size=50))
+    afkern.patch_bert(m2, ["x", "y"])
+    assert afkern.fusion_regularization_loss(m2).item() == pytest.approx(2 * 0.01 * (24 * 23) * 1e-12, rel=1e-3)
+    blocks = [b for _, b in afkern.fused_blocks(m2)]
+    with torch.no_grad():
+        blocks[0].value.weight.add_(0.1)
+    expect = sum(0.01 * (torch.eye(24) - b.value.weight).pow(2).sum() for b in blocks)
+    torch.testing.assert_close(afkern.fusion_regularization_loss(m2), expect)
+
+
+def test_adapterhub_initialisation():
+    b = FusedAdapterBlock(64, ["a", "b"])
+    assert torch.all(b.down_bias == 0) and torch.all(b.up_bias == 0)
+    assert 0.015 < b.down_weight.std().item() < 0.025
+    v = b.value.weight
+    off = v[~torch.eye(64, dtype=torch.bool)]
+    assert torch.all(v.diagonal() == 1.0) and torch.all(off == torch.tensor(1e-6))
+    assert torch.all(b.query.bias == 0) and 0.015 < b.query.weight.std().item() < 0.025
+    h = FusedAdapterBlock(64, ["a"], adapter_config=AdapterConfig.houlsby(init_weights="houlsby"))
+    assert h.down_weight.abs().max() <= 2e-2
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_bad_inputs_raise_clear_errors():
+    b = _block()
+    with pytest.raises(ValueError, match=r"hidden_states must be \[batch, seq, 72\]"):
+        b(torch.randn(2, 3, 40), torch.randn(2, 3, 40))
+    with pytest.raises(ValueError, match="input_tensor must be"):
+        b(torch.randn(2, 3, 72), torch.randn(2, 4, 40))
+    with pytest.raises(ValueError, match="input_tensor must be"):
+        b(torch.randn(2, 3, 72), torch.randn(2, 3, 41))
+    with pytest.raises(TypeError, match="dtypes differ"):
+        b(torch.randn(2, 3, 72), torch.randn(2, 3, 40, dtype=torch.float64))
+    with pytest.raises(TypeError, match="block's weights are torch.float32"):
+        b(torch.randn(2, 3, 72, dtype=torch.float64), torch.randn(2, 3, 40, dtype=torch.float64))
+    with pytest.raises(TypeError, match="floating-point"):
+        b(torch.ones(2, 3, 72, dtype=torch.long), torch.ones(2, 3, 40, dtype=torch.long))
+    with pytest.raises(ValueError, match="meta but the block's weights are on cpu"):
+        b(torch.randn(2, 3, 72, device="meta"), torch.randn(2, 3, 40, device="meta"))
+
+
+def test_bad_construction_raises():
+    with pytest.raises(ValueError, match="at least one adapter"):
+        FusedAdapterBlock(40, [])
+    with pytest.raises(ValueError, match=r"duplicate adapter names \['a'\]"):
+        FusedAdapterBlock(40, ["a", "b", "a"])
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        FusedAdapterBlock(40, ["a"], backend="fast")
+    with pytest.raises(ValueError, match="unknown non_linearity 'relux'"):
+        AdapterConfig(non_linearity="relux")
+    with pytest.raises(ValueError, match="ln_after=True is not supported"):
+        AdapterConfig(ln_after=True)
+    with pytest.raises(ValueError, match="scaling must be a float"):
+        AdapterConfig(scaling="learned")
+    with pytest.raises(ValueError, match="post_add' needs original_ln_before"):
+        AdapterConfig(residual_before_ln="post_add", original_ln_before=False)
+    with pytest.raises(ValueError, match="unknown fusion config fields"):
+        FusionConfig.from_dict({"keys": True})
+    with pytest.raises(ValueError, match="unknown fusion config name"):
+        FusionConfig.load("dynamc")
+
+
+def test_named_backend_that_cannot_run_raises_with_reason(monkeypatch):
+    b = _block()
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run here: the cuda backend runs on CUDA tensors"):
+        b.set_backend("cuda")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="backend 'triton' cannot run here: .*TRITON_INTERPRET=1"):
+        b.set_backend("triton")
+    assert b.resolved_backend() == "torch"  # auto on CPU
+    assert "auto" in afkern.available_backends("cpu") and "torch" in afkern.available_backends("cpu")
+    with pytest.raises(ValueError, match="kernels support"):
+        afkern.resolve_backend("triton", "cuda", _block(adapter_config=AdapterConfig(non_linearity="mish")).spec())
+
+
+def test_scaling_is_folded_and_saved_back():
+    b = FusedAdapterBlock(24, ["a"], adapter_config=AdapterConfig(scaling=2.0), fusion_config=False)
+    dw, db, uw, ub = torch.randn(1, 24), torch.randn(1), torch.randn(24, 1), torch.randn(24)
+    b.set_adapter_weights(0, dw, db, uw, ub)
+    torch.testing.assert_close(b.up_weight[0], 2 * uw.t())
+    st = b.adapter_state(0)
+    torch.testing.assert_close(st["adapter_up.weight"], uw)
+    torch.testing.assert_close(st["adapter_up.bias"], ub)
+    with pytest.raises(ValueError, match=r"down_weight must be \(1, 24\) for hidden size 24"):
+        b.set_adapter_weights(0, torch.randn(2, 24), db, uw, ub)
+
+
+def test_deepcopy_and_dtype_move_keep_results():
+    b = _block().eval()
+    hs, it = torch.randn(6, 72), torch.randn(6, 40)
+    with torch.no_grad():
+        y = b(hs, it)
+        c = copy.deepcopy(b)
+        torch.testing.assert_close(c(hs, it), y)
+        d = c.double()
+        assert rel_err(d(hs.double(), it.double()), y) < 1e-5
