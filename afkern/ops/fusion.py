@@ -38,18 +38,33 @@ AddLNFn = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional
 
 
 def rowop_autograd_torch(Z, A, sb, n_adapters, activation, inv_temperature=1.0, score_scale=None):
-    """The row op in differentiable torch ops (autograd derives the backward)."""
+    """The row op in differentiable torch ops (autograd derives the backward).
+
+    Without autograd (inference) the activation and the p-scaling run in place on ``Z``'s storage,
+    which the caller gives up: that saves two [T, N*r] allocations per layer.
+    """
     T, W = Z.shape
     r = W // n_adapters
-    G = activation_fn(activation)(Z).view(T, n_adapters, r)
-    s = torch.einsum("tnr,tnr->tn", A.view(T, n_adapters, r), G)
+    inplace = not torch.is_grad_enabled()
+    act = activation_fn(activation)
+    if inplace and activation in _INPLACE_ACT:
+        G = _INPLACE_ACT[activation](Z)
+    else:
+        G = act(Z)
+    G3 = G.view(T, n_adapters, r)
+    s = (A.unflatten(1, (n_adapters, r)) * G3).sum(-1)
     if sb is not None:
         s = s + sb
     if score_scale is not None:
         s = s * score_scale.to(s.dtype)
     p = torch.softmax(acc(s) * inv_temperature, dim=-1)
-    Y = (G * p.to(G.dtype).unsqueeze(-1)).view(T, W)
-    return Y, p
+    pc = p.to(G.dtype).unsqueeze(-1)
+    Y = G3.mul_(pc) if inplace else G3 * pc
+    return Y.view(T, W), p
+
+
+_INPLACE_ACT = {"relu": torch.relu_, "tanh": torch.tanh_, "sigmoid": torch.sigmoid_,
+                "silu": lambda z: F.silu(z, inplace=True), "linear": lambda z: z}
 
 
 def add_layer_norm_torch(x, residual, weight, bias, eps):
@@ -191,11 +206,12 @@ def fusion_layer_torch(
                 sb = sb + _shared_score(query, qp, residual, P, spec).unsqueeze(-1)
         Y, probs = rowop(Z, A, sb, N, spec.activation, inv_temperature, score_scale)
         if folded is not None:
-            hidden = torch.cat([Y, probs.to(Y.dtype)], dim=1) @ folded.w_out
-            if spec.residual_before:
-                hidden = hidden + (residual @ folded.w_res if folded.w_res is not None else residual)
-            else:
-                hidden = hidden + residual
+            # ctx = residual-term + [Y | p] @ w_out, as two accumulating GEMMs (no concat copy)
+            base = residual
+            if spec.residual_before and folded.w_res is not None:
+                base = residual @ folded.w_res
+            hidden = torch.addmm(base, Y, folded.w_out[:NR])
+            hidden = hidden.addmm_(probs.to(Y.dtype), folded.w_out[NR:])
         else:
             mix = Y @ Wu + probs.to(Y.dtype) @ P.up_bias
             if spec.residual_before:
