@@ -13,6 +13,10 @@ from .config import AdapterConfig, FusionConfig
 from .patching import fused_blocks, fusion_regularization_loss, patch_bert, set_active_adapter, set_backend
 from .adapterhub import from_adapterhub, load_adapterhub, save_adapterhub
 from .analysis import fusion_weights, plot_fusion_weights, record_fusion_weights
+from .control import (
+    FusionControl, clear_fusion_control, drop_adapters, force_adapter, force_fusion_weights, fusion_control,
+    select_adapters, zero_adapters,
+)
 
 __all__ = [
     "__version__",
@@ -32,5 +36,13 @@ __all__ = [
     "fusion_weights",
     "record_fusion_weights",
     "plot_fusion_weights",
+    "FusionControl",
+    "zero_adapters",
+    "force_adapter",
+    "force_fusion_weights",
+    "clear_fusion_control",
+    "fusion_control",
+    "select_adapters",
+    "drop_adapters",
     "KERNEL_ACTIVATIONS",
 ]

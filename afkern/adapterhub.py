@@ -15,6 +15,7 @@ refused. Loading validates everything before the model is touched; writes are at
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -233,7 +234,11 @@ def from_adapterhub(model: nn.Module, backend: str = "auto") -> nn.Module:
     impl = getattr(base.config, "_attn_implementation", None)
     if impl is not None:  # keep the attention kernel (eager / sdpa) the adapters model runs
         config._attn_implementation = impl
-    plain = cls(config)
+    kwargs = {}
+    if "add_pooling_layer" in inspect.signature(cls.__init__).parameters:
+        # RoBERTa-style heads build their base model without the pooler: mirror what the model has
+        kwargs["add_pooling_layer"] = getattr(base, "pooler", None) is not None
+    plain = cls(config, **kwargs)
     p0 = next(base.parameters())
     plain.to(device=p0.device, dtype=p0.dtype)
     skip = (".adapters.", ".adapter_fusion_layer.", "invertible_adapters", "prefix_tuning", "prompt_tuning", "shared_parameters")

@@ -34,9 +34,11 @@ def fusion_weights(model: nn.Module, mask: Optional[torch.Tensor] = None) -> Dic
         w = b.fusion_weights
         if w is None:
             continue
-        if mask is not None and w.dim() == 3:
-            m = mask.to(w.dtype).unsqueeze(-1)
-            out[name] = (w * m).sum((0, 1)) / m.sum((0, 1)).clamp_min(1)
+        if mask is not None:
+            if mask.numel() != w[..., 0].numel():
+                raise ValueError(f"mask {tuple(mask.shape)} does not match the {tuple(w.shape[:-1])} tokens of {name}'s last forward")
+            m = mask.to(device=w.device, dtype=w.dtype).reshape(-1, 1)
+            out[name] = (w.reshape(-1, w.shape[-1]) * m).sum(0) / m.sum().clamp_min(1)
         else:
             out[name] = w.reshape(-1, w.shape[-1]).mean(0)
     return out
@@ -56,6 +58,8 @@ def plot_fusion_weights(weights: Dict[str, torch.Tensor], adapter_names: Sequenc
         raise ValueError("no fusion weights to plot; run a forward with record_fusion_weights(model) first")
     rows = list(weights)
     data = torch.stack([weights[k].detach().float().cpu() for k in rows]).numpy()
+    if data.shape[1] != len(adapter_names):
+        raise ValueError(f"weights have {data.shape[1]} adapters but {len(adapter_names)} names were given: {list(adapter_names)}")
     fig, ax = plt.subplots(figsize=(1.0 + 0.6 * len(adapter_names), 1.0 + 0.35 * len(rows)))
     im = ax.imshow(data, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(adapter_names)), list(adapter_names), rotation=45, ha="right")

@@ -290,7 +290,10 @@ class FusedAdapterBlock(nn.Module):
         if spec.fusion and self.training and self.score_dropout > 0:
             score_scale = self.score_dropout_scale(h2.shape[0], h2.device)
         folded = None
-        if spec.fusion and name != "reference" and not self._needs_grad() and h2.dtype == self.down_weight.dtype:
+        # the fold cache keys on data pointers, which torch.compile cannot trace (fullgraph): compiled
+        # graphs run the unfolded re-associated form and let the compiler plan the GEMMs
+        if (spec.fusion and name != "reference" and not self._needs_grad() and h2.dtype == self.down_weight.dtype
+                and not torch.compiler.is_compiling()):
             folded = self.folded_weights()
         ctrl = self.fusion_control if spec.fusion else None
         layer_fn = get_layer_fn(name) if ctrl is None else ctrl.layer_fn(name)

@@ -34,7 +34,9 @@ def encoder_layers(model: nn.Module) -> List[nn.Module]:
 
 
 def _is_output_module(m) -> bool:
-    return all(hasattr(m, a) for a in ("dense", "LayerNorm", "dropout")) and isinstance(getattr(m, "dense"), nn.Linear)
+    # a custom LayerNorm class (DeBERTa v1's DebertaLayerNorm) may compute something else: refuse it
+    return (all(hasattr(m, a) for a in ("dense", "LayerNorm", "dropout")) and isinstance(getattr(m, "dense"), nn.Linear)
+            and isinstance(getattr(m, "LayerNorm"), nn.LayerNorm))
 
 
 def output_sites(layer: nn.Module) -> Dict[str, Tuple[nn.Module, str]]:
@@ -98,7 +100,10 @@ def patch_bert(
             if not flag:
                 continue
             if loc not in sites:
-                raise TypeError(f"layer {i} ({type(layer).__name__}) has no {loc} output module with dense/LayerNorm/dropout")
+                raise TypeError(
+                    f"layer {i} ({type(layer).__name__}) has no {loc} output module with dense (nn.Linear), "
+                    "LayerNorm (nn.LayerNorm) and dropout, as BERT's BertOutput / BertSelfOutput have"
+                )
             plan.append((i, loc, sites[loc]))
     p_drop = _model_dropout(model)
     new = []

@@ -18,15 +18,17 @@ VENV="${AFKERN_TF5_VENV:-.venv-tf5}"
 PY="${PY:-python3}"
 PINS="torch==2.13.0 transformers==5.18.0 safetensors>=0.4 pytest>=8 numpy matplotlib onnx onnxruntime"
 STAMP="$VENV/.afkern-tf5-installed"
-TESTS=(tests/test_models.py tests/test_adapterhub_io.py tests/test_control.py)
+TESTS=(tests/test_models.py tests/test_adapterhub_io.py tests/test_control.py tests/test_analysis.py)
 
 if [[ ! -f "$STAMP" ]] || [[ "$(cat "$STAMP")" != "$PINS" ]]; then
     echo "test_tf5: setting up $VENV ($PINS)"
     test -x "$VENV/bin/python" || "$PY" -m venv "$VENV"
-    "$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel
+    # pip's warnings about this machine's extra local index folders are noise: keep errors only
+    "$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel 2> >(grep -v "is ignored" >&2)
     # shellcheck disable=SC2086
-    "$VENV/bin/python" -m pip install -q $PINS
-    AFKERN_SKIP_CUDA_BUILD=1 "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e .
+    "$VENV/bin/python" -m pip install -q $PINS 2> >(grep -v "is ignored" >&2)
+    AFKERN_SKIP_CUDA_BUILD=1 "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e . \
+        > /dev/null 2> >(grep -E -i "error" >&2 || true)
     echo "$PINS" > "$STAMP"
 fi
 

@@ -1,0 +1,114 @@
+"""torch.compile and ONNX export of patched models (torch path), compared with eager.
+
+ONNX export is AdapterHub's open issue #224; afkern's blocks are plain torch ops on the torch
+path, so the dynamo-based exporter (torch.onnx.export(..., dynamo=True), needs onnxscript) traces
+them with dynamic batch and sequence sizes.
+"""
+
+import copy
+
+import pytest
+import torch
+
+import afkern
+from conftest import perturb_
+
+
+def _model(layers=1, adapter_config="houlsby"):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(hidden_size=40, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=72,
+                     vocab_size=97, max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    m = BertModel(cfg).eval()
+    afkern.patch_bert(m, ["a", "b", "c"], adapter_config, "dynamic", backend="torch")
+    return perturb_(m, 0.3)
+
+
+def _inputs(b=2, s=9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 97, (b, s), generator=g)
+    mask = torch.ones(b, s, dtype=torch.long)
+    mask[0, s - 3:] = 0
+    return ids, mask
+
+
+class _Wrap(torch.nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, ids, mask):
+        return self.m(input_ids=ids, attention_mask=mask).last_hidden_state
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_compile_fullgraph_matches_eager(backend):
+    torch._dynamo.reset()
+    m = _model()
+    ids, mask = _inputs()
+    with torch.no_grad():
+        want = m(input_ids=ids, attention_mask=mask).last_hidden_state  # eager, folded weights
+    cm = torch.compile(copy.deepcopy(m), backend=backend, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(cm(input_ids=ids, attention_mask=mask).last_hidden_state, want, atol=2e-5, rtol=2e-5)
+    # training step (fusion trainable): outputs and every gradient
+    out = cm(input_ids=ids, attention_mask=mask).last_hidden_state
+    out.pow(2).mean().backward()
+    out_e = m(input_ids=ids, attention_mask=mask).last_hidden_state
+    out_e.pow(2).mean().backward()
+    torch.testing.assert_close(out, out_e, atol=2e-5, rtol=2e-5)
+    grads = dict(cm.named_parameters())
+    n = 0
+    for name, p in m.named_parameters():
+        q = grads["_orig_mod." + name] if "_orig_mod." + name in grads else grads[name]
+        if p.grad is None:
+            assert q.grad is None or q.grad.abs().max() == 0, name
+            continue
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
+        n += 1
+    assert n > 20
+
+
+def test_compile_with_adapter_control():
+    torch._dynamo.reset()
+    m = _model()
+    ids, mask = _inputs()
+    afkern.zero_adapters(m, "b")
+    with torch.no_grad():
+        want = m(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = torch.compile(m, backend="eager", fullgraph=True)(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.slow
+def test_inductor_block_matches_eager():
+    """One real inductor compile (about 30 s on 2 CPU cores for a block; a whole BERT takes ~90 s)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    b = perturb_(afkern.FusedAdapterBlock(40, ["a", "b", "c"], in_features=72, backend="torch").eval(), 0.3)
+    h, x = torch.randn(3, 7, 72), torch.randn(3, 7, 40)
+    with torch.no_grad():
+        want = b(h, x)
+        got = torch.compile(b, backend="inductor", fullgraph=True)(h, x)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+def test_onnx_export_dynamo_matches_onnxruntime(tmp_path):
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    w = _Wrap(_model(layers=2)).eval()
+    ids, mask = _inputs()
+    path = str(tmp_path / "afkern_bert.onnx")
+    dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("seq")}
+    with torch.no_grad():
+        torch.onnx.export(w, (ids, mask), path, input_names=["ids", "mask"], output_names=["hidden"],
+                          dynamo=True, dynamic_shapes=(dims, dims))
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    for b, s, seed in ((2, 9, 0), (3, 13, 1), (1, 5, 2)):  # other shapes than the traced one
+        ids, mask = _inputs(b, s, seed)
+        with torch.no_grad():
+            want = w(ids, mask).numpy()
+        got = sess.run(None, {"ids": ids.numpy(), "mask": mask.numpy()})[0]
+        assert got.shape == want.shape
+        assert abs(got - want).max() < 1e-4, abs(got - want).max()
