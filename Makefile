@@ -9,7 +9,7 @@ PIP := $(VPY) -m pip
 STAMP := $(VENV)/.afkern-installed
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-fast test-tf5 test-cuda-build bench bench-quick train clean
+.PHONY: venv test test-fast test-tf5 test-cuda-build test-triton36 bench bench-full train clean
 
 $(STAMP): pyproject.toml setup.py requirements-test.txt
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -28,6 +28,7 @@ test: $(STAMP)
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 	bash scripts/test_tf5.sh
 	bash scripts/test_cuda_build.sh
+	bash scripts/test_triton36.sh
 
 test-fast: $(STAMP)
 	$(VENV)/bin/pytest -q -m "not slow" $(PYTEST_ARGS)
@@ -37,6 +38,9 @@ test-tf5:
 
 test-cuda-build:
 	bash scripts/test_cuda_build.sh
+
+test-triton36:
+	bash scripts/test_triton36.sh
 
 # The main job: the benchmark suite on the default device (CPU here, GPU where present).
 bench: $(STAMP)
@@ -49,4 +53,4 @@ train: $(STAMP)
 	$(VENV)/bin/afkern-train demo --quick --output-dir out/demo
 
 clean:
-	rm -rf $(VENV) .venv-tf5 .venv-cuda build *.egg-info .pytest_cache
+	rm -rf $(VENV) .venv-tf5 .venv-cuda .venv-triton36 build *.egg-info .pytest_cache
