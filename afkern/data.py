@@ -380,7 +380,7 @@ def make_demo_tasks(seed: int = 0, quick: bool = False) -> Tuple[List[TaskData],
     """
     rng = random.Random(seed)
     topics = list(_TOPICS)
-    sizes = dict(topic=(400, 160), sentiment=(320, 160), question=(160, 160), routing=(48, 240)) if quick else \
+    sizes = dict(topic=(320, 96), sentiment=(256, 96), question=(64, 96), routing=(24, 160)) if quick else \
         dict(topic=(2000, 400), sentiment=(1500, 400), question=(600, 400), routing=(96, 400))
 
     def sample(task: str):
