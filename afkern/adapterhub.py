@@ -372,12 +372,27 @@ def load_adapterhub(model: nn.Module, adapter_dirs, fusion_dir: Optional[str] = 
     return model
 
 
-def save_adapterhub(model: nn.Module, out_dir: str, safe_serialization: bool = True) -> Dict[str, str]:
+def _write_weights(directory: str, names: Sequence[str], tensors: Dict[str, torch.Tensor], safe_serialization) -> None:
+    """Write safetensors (index 0 of ``names``), .bin (index 1) or both (``safe_serialization`` None),
+    and remove a stale file of a format not written, so no loader can read an old copy."""
+    chosen = {True: [0], False: [1], None: [0, 1]}[safe_serialization]
+    for i in chosen:
+        _atomic_save_tensors(os.path.join(directory, names[i]), tensors)
+    for i in {0, 1} - set(chosen):
+        stale = os.path.join(directory, names[i])
+        if os.path.exists(stale):
+            os.unlink(stale)
+
+
+def save_adapterhub(model: nn.Module, out_dir: str, safe_serialization: Optional[bool] = None) -> Dict[str, str]:
     """Write every adapter (and the fusion) of ``model``'s fused blocks as AdapterHub directories.
 
     Layout: ``out_dir/<adapter>/`` for each adapter and ``out_dir/<a,b,...>/`` for the fusion,
     loadable by AdapterHub's ``load_adapter`` / ``load_adapter_fusion`` and by
-    :func:`load_adapterhub`. Returns {name: directory}. Each file is written atomically.
+    :func:`load_adapterhub`. ``safe_serialization``: True writes safetensors only (AdapterHub then
+    needs ``use_safetensors=True``), False ``.bin`` only, None (default) both, so AdapterHub's
+    default ``load_adapter(dir)`` reads it too. Returns {name: directory}. Each file is written
+    atomically.
     """
     blocks = list(fused_blocks(model))
     if not blocks:
@@ -410,12 +425,12 @@ def save_adapterhub(model: nn.Module, out_dir: str, safe_serialization: bool = T
     written = {}
     for name in names:
         d = os.path.join(out_dir, name)
-        _atomic_save_tensors(os.path.join(d, ADAPTER_WEIGHTS[0 if safe_serialization else 1]), per_adapter[name])
+        _write_weights(d, ADAPTER_WEIGHTS, per_adapter[name], safe_serialization)
         _atomic_write_json(os.path.join(d, ADAPTER_CONFIG), dict(common, name=name, config=acfg.to_adapterhub_dict()))
         written[name] = d
     if fcfg is not None:
         d = os.path.join(out_dir, fusion_name)
-        _atomic_save_tensors(os.path.join(d, FUSION_WEIGHTS[0 if safe_serialization else 1]), fusion)
+        _write_weights(d, FUSION_WEIGHTS, fusion, safe_serialization)
         _atomic_write_json(os.path.join(d, FUSION_CONFIG), dict(common, name=fusion_name, adapter_names=names, config=fcfg.to_dict()))
         written[fusion_name] = d
     return written

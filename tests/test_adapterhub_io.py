@@ -353,7 +353,8 @@ def test_bad_checkpoints_clear_errors_model_untouched(tmp_path, case):
         match = {"fusion-names-missing": r"names adapters \['c'\] that were not given",
                  "no-weights-file": "has none of", "wrong-kind-dir": "adapter_config.json"}[case]
         if case == "no-weights-file":
-            os.remove(os.path.join(written["a"], "adapter.safetensors"))
+            for f in ("adapter.safetensors", "pytorch_adapter.bin"):  # the default save writes both
+                os.remove(os.path.join(written["a"], f))
     fresh = _fresh("BertModel", _config(layers, hidden))
     snap = _snapshot(fresh)
     dirs = [written[n] for n in NAMES]
@@ -371,3 +372,28 @@ def test_load_into_patched_model_refused(tmp_path):
     m = _afkern_model("BertModel", "pfeiffer", "dynamic")
     with pytest.raises(ValueError, match="already has FusedAdapterBlocks"):
         afkern.load_adapterhub(m, [written[n] for n in NAMES], written["a,b,c"])
+
+
+def test_default_save_is_read_by_adapterhub_default_load(tmp_path):
+    """save_adapterhub's default writes both formats, so AdapterHub's plain load_adapter(dir) (which
+    looks for the .bin) and load_adapter(dir, use_safetensors=True) both read it; a later save in
+    one format removes the other so nobody reads a stale copy."""
+    adapters = pytest.importorskip("adapters")
+    from adapters import Fuse
+
+    written = _write(tmp_path)
+    for n in NAMES:
+        assert sorted(os.listdir(written[n])) == ["adapter.safetensors", "adapter_config.json", "pytorch_adapter.bin"]
+    hub = _fresh("BertModel", _config(2, 40), dtype=torch.float32)
+    adapters.init(hub)
+    for n in NAMES:
+        hub.load_adapter(written[n])
+    hub.load_adapter_fusion(written["a,b,c"])
+    hub.set_active_adapters(Fuse(*NAMES))
+    ours = afkern.load_adapterhub(_fresh("BertModel", _config(2, 40), dtype=torch.float32), [written[n] for n in NAMES],
+                                  written["a,b,c"])
+    ids = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(ids).last_hidden_state, hub.eval()(ids).last_hidden_state, atol=1e-5, rtol=1e-5)
+    afkern.save_adapterhub(ours, str(tmp_path), safe_serialization=True)
+    assert not os.path.exists(os.path.join(written["a"], "pytorch_adapter.bin"))
