@@ -19,12 +19,12 @@ import inspect
 import json
 import os
 import re
-import tempfile
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
+from ._io import atomic_write_bytes, atomic_write_json
 from .backends import _check_name
 from .block import FusedAdapterBlock
 from .config import AdapterConfig, FusionConfig
@@ -66,38 +66,18 @@ def _common_config(configs: Mapping[str, AdapterConfig]) -> AdapterConfig:
     return first
 
 
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _atomic_write_json(path: str, obj) -> None:
-    _atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
 def _atomic_save_tensors(path: str, tensors: Dict[str, torch.Tensor]) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     if path.endswith(".safetensors"):
         from safetensors.torch import save
 
-        _atomic_write_bytes(path, save(tensors, metadata={"format": "pt"}))
+        atomic_write_bytes(path, save(tensors, metadata={"format": "pt"}))
     else:
         import io
 
         buf = io.BytesIO()
         torch.save(tensors, buf)
-        _atomic_write_bytes(path, buf.getvalue())
+        atomic_write_bytes(path, buf.getvalue())
 
 
 def _read_tensors(path: str) -> Dict[str, torch.Tensor]:
@@ -426,11 +406,11 @@ def save_adapterhub(model: nn.Module, out_dir: str, safe_serialization: Optional
     for name in names:
         d = os.path.join(out_dir, name)
         _write_weights(d, ADAPTER_WEIGHTS, per_adapter[name], safe_serialization)
-        _atomic_write_json(os.path.join(d, ADAPTER_CONFIG), dict(common, name=name, config=acfg.to_adapterhub_dict()))
+        atomic_write_json(os.path.join(d, ADAPTER_CONFIG), dict(common, name=name, config=acfg.to_adapterhub_dict()))
         written[name] = d
     if fcfg is not None:
         d = os.path.join(out_dir, fusion_name)
         _write_weights(d, FUSION_WEIGHTS, fusion, safe_serialization)
-        _atomic_write_json(os.path.join(d, FUSION_CONFIG), dict(common, name=fusion_name, adapter_names=names, config=fcfg.to_dict()))
+        atomic_write_json(os.path.join(d, FUSION_CONFIG), dict(common, name=fusion_name, adapter_names=names, config=fcfg.to_dict()))
         written[fusion_name] = d
     return written

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
+
 from typing import Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
-from .block import FusedAdapterBlock
+from ._io import atomic_write_bytes
 from .patching import fused_blocks
 
 __all__ = ["record_fusion_weights", "fusion_weights", "plot_fusion_weights"]
@@ -46,9 +48,6 @@ def fusion_weights(model: nn.Module, mask: Optional[torch.Tensor] = None) -> Dic
 
 def plot_fusion_weights(weights: Dict[str, torch.Tensor], adapter_names: Sequence[str], path: str, title: str = "") -> str:
     """Heatmap (layers x adapters) of mean fusion weights, written atomically to ``path`` (PNG)."""
-    import os
-    import tempfile
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -70,11 +69,8 @@ def plot_fusion_weights(weights: Dict[str, torch.Tensor], adapter_names: Sequenc
     fig.colorbar(im, ax=ax, label="mean fusion weight")
     ax.set_title(title or "AdapterFusion weights per layer")
     fig.tight_layout()
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=120)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, buf.getvalue())
     return path

@@ -19,7 +19,7 @@ A backend asked for by name that cannot run raises RuntimeError saying why and h
 from __future__ import annotations
 
 import os
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, List, Tuple
 
 import torch
 
@@ -38,7 +38,9 @@ def _check_name(name: str) -> str:
 
 def _triton_status(device: torch.device) -> Tuple[bool, str]:
     try:
-        from .kernels import fusion as _tk  # noqa: F401
+        import importlib
+
+        importlib.import_module("afkern.kernels.fusion")
     except Exception as exc:  # pragma: no cover - depends on the install
         return False, f"Triton kernels could not be imported ({exc}); `pip install triton`"
     if device.type == "cuda":

@@ -8,14 +8,14 @@ bottleneck adapters and their AdapterFusion as stacked parameters.
 from __future__ import annotations
 
 import math
-from typing import Iterable, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
 from .activations import canonical_activation
 from .backends import get_layer_fn, resolve_backend, _check_name
-from .config import AdapterConfig, FusionConfig, load_adapter_config
+from .config import FusionConfig, load_adapter_config
 from .ops.fusion import FoldedWeights, fold_weights
 from .ops.params import FusionParams, LayerSpec
 

@@ -298,20 +298,9 @@ def load_task(name: str, source: str, dev_source: Optional[str] = None, *, text_
 
 def write_jsonl(path: str, rows: Iterable[dict]) -> None:
     """Write rows as JSONL, atomically."""
-    import tempfile
+    from ._io import atomic_write_bytes
 
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".jsonl")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in rows).encode("utf-8"))
 
 
 # ----------------------------------------------------------------------------------- demo tasks

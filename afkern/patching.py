@@ -8,14 +8,14 @@ module (``layer.output``: BertOutput, ...), both ``dense -> dropout -> LayerNorm
 
 from __future__ import annotations
 
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
 from .backends import _check_name, resolve_backend
 from .block import FusedAdapterBlock
-from .config import AdapterConfig, FusionConfig, load_adapter_config
+from .config import FusionConfig, load_adapter_config
 
 __all__ = ["patch_bert", "fused_blocks", "set_backend", "fusion_regularization_loss", "encoder_layers", "output_sites"]
 

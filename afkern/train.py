@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import __version__
-from .adapterhub import _atomic_write_bytes, _atomic_write_json
+from ._io import atomic_write_bytes, atomic_write_json
 from .analysis import fusion_weights, plot_fusion_weights, record_fusion_weights
 from .block import FusedAdapterBlock
 from .config import AdapterConfig, FusionConfig
@@ -147,8 +147,8 @@ def save_head(head: ClassificationHead, directory: str, meta: dict) -> str:
     from safetensors.torch import save
 
     sd = {k: v.detach().float().contiguous().cpu() for k, v in head.state_dict().items()}
-    _atomic_write_bytes(os.path.join(directory, HEAD_WEIGHTS), save(sd, metadata={"format": "pt"}))
-    _atomic_write_json(os.path.join(directory, HEAD_CONFIG), dict(meta, hidden_size=head.hidden_size,
+    atomic_write_bytes(os.path.join(directory, HEAD_WEIGHTS), save(sd, metadata={"format": "pt"}))
+    atomic_write_json(os.path.join(directory, HEAD_CONFIG), dict(meta, hidden_size=head.hidden_size,
                                                                    num_labels=head.num_labels, pooling=head.pooling))
     return directory
 
@@ -343,7 +343,7 @@ def save_checkpoint(path: str, obj: dict) -> None:
     """torch.save of tensors / numbers / strings only, written atomically (tmp + os.replace)."""
     buf = io.BytesIO()
     torch.save(obj, buf)
-    _atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def load_checkpoint(path: str) -> dict:
@@ -616,7 +616,7 @@ def train_adapters(cfg, tasks: Sequence[TaskData], d: Dist) -> dict:
         out["models"][t.name] = clf
         _log(d, f"[adapters] {t.name}: best dev accuracy {res['best_dev_accuracy']:.4f} (epoch {res['best_epoch']})")
     if d.main:
-        _atomic_write_json(os.path.join(cfg.output_dir, "metrics_adapters.json"), metrics)
+        atomic_write_json(os.path.join(cfg.output_dir, "metrics_adapters.json"), metrics)
     _barrier(d)
     return out
 
@@ -772,7 +772,7 @@ def train_fusion(cfg, task: TaskData, adapter_dirs: Sequence[str], d: Dist) -> d
             _log(d, f"[fusion] pruned to k={cfg.prune_k} adapters per layer: dev accuracy {acc_full:.4f} -> {acc_pruned:.4f}, "
                     f"dev-set inference {t_full * 1e3:.0f} ms -> {t_pruned * 1e3:.0f} ms ({t_full / max(t_pruned, 1e-12):.2f}x)")
             out["pruned_model"] = pruned
-        _atomic_write_json(os.path.join(cfg.output_dir, "metrics_fusion.json"), metrics)
+        atomic_write_json(os.path.join(cfg.output_dir, "metrics_fusion.json"), metrics)
         _log(d, f"[fusion] {task.name}: best dev accuracy {res['best_dev_accuracy']:.4f}; saved {fdir}, heatmap {metrics['heatmap']}")
     _barrier(d)
     return out
@@ -974,7 +974,7 @@ def run_demo(cfg, d: Dist) -> dict:
     s1["metrics"]["tasks"].update(s1t["metrics"]["tasks"])
     s1["metrics"]["settings_target"] = s1t["metrics"]["settings"]
     if d.main:
-        _atomic_write_json(os.path.join(cfg.output_dir, "metrics_adapters.json"), s1["metrics"])
+        atomic_write_json(os.path.join(cfg.output_dir, "metrics_adapters.json"), s1["metrics"])
     c2 = copy.copy(cfg)
     c2.lr = cfg.fusion_lr or preset["fusion_lr"]
     c2.epochs = cfg.fusion_epochs or preset["fusion_epochs"]
@@ -993,7 +993,7 @@ def run_demo(cfg, d: Dist) -> dict:
                    "source_dev_accuracy": {t.name: s1["metrics"]["tasks"][t.name]["best_dev_accuracy"] for t in sources},
                    "pruning": s2["metrics"].get("pruning"), "wall_time_s": wall, "quick": bool(cfg.quick),
                    "device": s2["metrics"]["device"], "settings": _settings(cfg)}
-        _atomic_write_json(os.path.join(cfg.output_dir, "metrics_demo.json"), summary)
+        atomic_write_json(os.path.join(cfg.output_dir, "metrics_demo.json"), summary)
         lines = ["", "=" * 78, f"demo summary (GENERATED data, target {target.name!r}, {len(target.train_text)} training examples)",
                  f"  single-task adapter on {target.name}: dev accuracy {single:.4f}",
                  f"  AdapterFusion of {s2['names']}: dev accuracy {fused:.4f}"]

@@ -15,7 +15,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import afkern  # noqa: E402
 from afkern.ops.params import FusionParams, LayerSpec  # noqa: E402
 
 # Per-dtype tolerances (atol, rtol) for fast path vs the float64 reference.

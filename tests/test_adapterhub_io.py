@@ -4,7 +4,6 @@ Tests that need the `adapters` package call pytest.importorskip("adapters") (it 
 on transformers 5); the rest run in both environments (scripts/test_tf5.sh).
 """
 
-import copy
 import json
 import os
 import pickle

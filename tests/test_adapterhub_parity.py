@@ -5,7 +5,7 @@ import torch
 
 adapters = pytest.importorskip("adapters")
 from adapters import Fuse  # noqa: E402
-from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel  # noqa: E402
+from transformers import AutoModel, AutoTokenizer, BertModel  # noqa: E402
 
 import afkern  # noqa: E402
 

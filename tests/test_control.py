@@ -159,7 +159,7 @@ def test_zero_equals_drop_model(adapter_config, fusion_config):
 
 
 def test_dropped_model_saves_and_reloads(tmp_path):
-    from transformers import BertConfig, BertModel
+    from transformers import BertModel
 
     m = _tiny_bert()
     afkern.drop_adapters(m, ["a"])

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from afkern.activations import KERNEL_ACTIVATIONS, activation_grad, activation_fn, ACTIVATIONS
+from afkern.activations import KERNEL_ACTIVATIONS, activation_fn, activation_grad
 from afkern.ops.fusion import fold_weights, fusion_layer_torch, rowop_autograd_torch
 from afkern.ops.params import FusionParams
 from afkern.ops.reference import fusion_layer_reference

@@ -1,0 +1,33 @@
+"""Atomic file writes: every checkpoint, result and figure afkern writes goes through here, so an
+interrupted run never leaves a half-written file where a good one was (tmp file + fsync +
+os.replace in the same folder)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+__all__ = ["atomic_write_bytes", "atomic_write_json"]
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str, obj, **kwargs) -> None:
+    kwargs.setdefault("indent", 2)
+    kwargs.setdefault("sort_keys", True)
+    atomic_write_bytes(path, (json.dumps(obj, **kwargs) + "\n").encode())
