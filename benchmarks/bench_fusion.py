@@ -1,0 +1,10 @@
+#!/usr/bin/env python
+"""The benchmark suite as a script: ``python benchmarks/bench_fusion.py [options]`` is
+``afkern-bench [options]`` (see ``afkern/bench.py`` for what is timed and how; ``--help``)."""
+
+import sys
+
+from afkern.bench import main
+
+if __name__ == "__main__":
+    sys.exit(main())
