@@ -145,12 +145,18 @@ def _shared_score(query, qp, residual, P: FusionParams, spec: LayerSpec) -> torc
 
 
 def _prologue(h, input_tensor, P, spec, add_ln: AddLNFn):
+    """(x, query, residual, pre): pre = h + input_tensor when this path formed it, else None."""
     if spec.original_ln_before and spec.residual_before_ln != "post_add":
-        x = add_ln(h, input_tensor, P.ln_weight, P.ln_bias, spec.ln_eps)
+        pre = None
+        if add_ln is add_layer_norm_torch:
+            pre = h + input_tensor
+            x = F.layer_norm(pre, (pre.shape[-1],), P.ln_weight, P.ln_bias, spec.ln_eps)
+        else:
+            x = add_ln(h, input_tensor, P.ln_weight, P.ln_bias, spec.ln_eps)
         residual = h if spec.residual_before_ln is True else x
         query = h if spec.fusion and spec.query_before_ln else x
-        return x, query, residual
-    return block_prologue(h, input_tensor, P, spec)
+        return x, query, residual, pre
+    return (*block_prologue(h, input_tensor, P, spec), None)
 
 
 def fusion_layer_torch(
@@ -170,7 +176,7 @@ def fusion_layer_torch(
     differentiable (autograd Functions) when gradients are needed.
     """
     N, r, d = P.down_weight.shape
-    x, query, residual = _prologue(h, input_tensor, P, spec, add_ln)
+    x, query, residual, pre = _prologue(h, input_tensor, P, spec, add_ln)
 
     if not spec.fusion:
         n = spec.active
@@ -206,12 +212,18 @@ def fusion_layer_torch(
                 sb = sb + _shared_score(query, qp, residual, P, spec).unsqueeze(-1)
         Y, probs = rowop(Z, A, sb, N, spec.activation, inv_temperature, score_scale)
         if folded is not None:
-            # ctx = residual-term + [Y | p] @ w_out, as two accumulating GEMMs (no concat copy)
+            # ctx = residual-term + [Y | p] @ w_out, as two accumulating GEMMs (no concat copy).
+            # When the residual is h and LayerNorm follows, start from the prologue's h + input
+            # instead, so the final LayerNorm needs no add of its own.
             base = residual
             if spec.residual_before and folded.w_res is not None:
                 base = residual @ folded.w_res
-            hidden = torch.addmm(base, Y, folded.w_out[:NR])
+            reuse_pre = pre is not None and spec.original_ln_after and spec.residual_before_ln is True \
+                and not spec.residual_before
+            hidden = torch.addmm(pre if reuse_pre else base, Y, folded.w_out[:NR])
             hidden = hidden.addmm_(probs.to(Y.dtype), folded.w_out[NR:])
+            if reuse_pre:
+                return F.layer_norm(hidden, (d,), P.ln_weight, P.ln_bias, spec.ln_eps), probs
         else:
             mix = Y @ Wu + probs.to(Y.dtype) @ P.up_bias
             if spec.residual_before:
