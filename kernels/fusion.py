@@ -46,9 +46,8 @@ import triton
 import triton.language as tl
 
 from ..activations import activation_code, activation_fn
-from ..ops.fusion import _shared_score
+from ..ops.fusion import _shared_score, layer_prologue
 from ..ops.params import FusionParams, LayerSpec
-from ..ops.reference import block_prologue
 
 __all__ = [
     "fusion_layer_triton",
@@ -1002,17 +1001,8 @@ def fusion_layer_triton(
 
         return fusion_layer_torch(h, input_tensor, P, spec, inv_temperature, score_scale, folded)
 
-    # prologue (Adapter.pre_forward)
-    if spec.original_ln_before and spec.residual_before_ln != "post_add":
-        x = add_layer_norm_triton(h, input_tensor, lnw, lnb, spec.ln_eps)
-        residual = h if spec.residual_before_ln is True else x
-        query = h if spec.fusion and spec.query_before_ln else x
-    elif spec.original_ln_before:  # "post_add": the residual is h + input_tensor itself
-        residual = h + input_tensor
-        x = add_layer_norm_triton(residual, None, lnw, lnb, spec.ln_eps)
-        query = h if spec.fusion and spec.query_before_ln else x
-    else:
-        x, query, residual = block_prologue(h, input_tensor, P, spec)
+    # prologue (Adapter.pre_forward), with the Triton add + LayerNorm
+    x, query, residual, _ = layer_prologue(h, input_tensor, P, spec, add_layer_norm_triton)
 
     if not spec.fusion:
         n = spec.active

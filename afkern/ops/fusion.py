@@ -31,7 +31,7 @@ from .params import FusionParams, LayerSpec
 from .reference import block_prologue
 from .rowop import acc
 
-__all__ = ["FoldedWeights", "fold_weights", "fusion_layer_torch", "rowop_autograd_torch", "add_layer_norm_torch"]
+__all__ = ["FoldedWeights", "fold_weights", "fusion_layer_torch", "layer_prologue", "rowop_autograd_torch", "add_layer_norm_torch"]
 
 RowOpFn = Callable[..., Tuple[torch.Tensor, torch.Tensor]]
 AddLNFn = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], float], torch.Tensor]
@@ -144,8 +144,9 @@ def _shared_score(query, qp, residual, P: FusionParams, spec: LayerSpec) -> torc
     return c
 
 
-def _prologue(h, input_tensor, P, spec, add_ln: AddLNFn):
-    """(x, query, residual, pre): pre = h + input_tensor when this path formed it, else None."""
+def layer_prologue(h, input_tensor, P, spec, add_ln: AddLNFn):
+    """``Adapter.pre_forward`` with a backend's fused add + LayerNorm: (x, query, residual, pre);
+    ``pre`` = h + input_tensor when this path formed it (the torch add_ln), else None."""
     if spec.original_ln_before and spec.residual_before_ln != "post_add":
         pre = None
         if add_ln is add_layer_norm_torch:
@@ -176,7 +177,7 @@ def fusion_layer_torch(
     differentiable (autograd Functions) when gradients are needed.
     """
     N, r, d = P.down_weight.shape
-    x, query, residual, pre = _prologue(h, input_tensor, P, spec, add_ln)
+    x, query, residual, pre = layer_prologue(h, input_tensor, P, spec, add_ln)
 
     if not spec.fusion:
         n = spec.active
