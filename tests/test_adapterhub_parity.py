@@ -36,7 +36,7 @@ def _compare(hub, fused, ids, mask=None, check_grads=True, tol=1e-5):
     y2 = fused(inputs_embeds=e2, attention_mask=mask).last_hidden_state
     assert rel_err(y2, y1) <= tol, rel_err(y2, y1)
     if check_grads:
-        w = torch.randn(y1.shape, generator=torch.Generator().manual_seed(1))
+        w = torch.randn(y1.shape, generator=torch.Generator().manual_seed(1), dtype=y1.dtype)
         (y1 * w).sum().backward()
         (y2 * w).sum().backward()
         assert rel_err(e2.grad, e1.grad) <= tol, rel_err(e2.grad, e1.grad)
@@ -115,12 +115,14 @@ def test_score_dropout_in_training_matches_adapters(tiny_bert_config):
     cfg.hidden_dropout_prob = 0.0
     cfg.attention_probs_dropout_prob = 0.0
     fc = adapters.DynamicAdapterFusionConfig(dropout_prob=0.5)
-    hub = _hub_model(cfg, names, fusion_config=fc)
+    # float64: with half the scores dropped the float32 problem is ill-conditioned, and the point
+    # here is that both compute the same function
+    hub = _hub_model(cfg, names, fusion_config=fc).double()
     fused = afkern.from_adapterhub(hub)
     blocks = [b for _, b in afkern.fused_blocks(fused)]
     assert all(b.score_dropout == 0.5 for b in blocks)
     B, S = 2, 5
-    mask = (torch.rand(B * S, 3, generator=torch.Generator().manual_seed(9)) > 0.5).float() / 0.5
+    mask = (torch.rand(B * S, 3, generator=torch.Generator().manual_seed(9)) > 0.5).double() / 0.5
 
     class FixedDropout(torch.nn.Module):
         def forward(self, scores):
@@ -133,7 +135,7 @@ def test_score_dropout_in_training_matches_adapters(tiny_bert_config):
     hub.train()
     fused.train()
     ids = torch.randint(0, cfg.vocab_size, (B, S), generator=torch.Generator().manual_seed(6))
-    y1, y2 = _compare(hub, fused, ids)
+    y1, y2 = _compare(hub, fused, ids, tol=1e-9)
     fused.eval()
     with torch.no_grad():
         assert rel_err(fused(ids).last_hidden_state, y1) > 1e-3  # the mask mattered
