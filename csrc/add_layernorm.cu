@@ -142,15 +142,6 @@ __global__ void add_ln_bwd_kernel(
   }
 }
 
-template <typename F>
-void dispatch_dtype(DType dt, F&& f) {
-  switch (dt) {
-    case DType::kFloat32: f(float{}); break;
-    case DType::kBFloat16: f(__nv_bfloat16{}); break;
-    case DType::kFloat16: f(__half{}); break;
-  }
-}
-
 }  // namespace
 
 cudaError_t launch_add_ln_fwd(DType dt, const void* x, const void* res, const void* w, const void* b, void* out,

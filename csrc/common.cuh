@@ -8,6 +8,8 @@
 
 #include <cstdint>
 
+#include "launchers.h"
+
 namespace afkern {
 
 // Largest adapter count the row-op kernels accept: warp 0 holds two adapters per lane.
@@ -158,6 +160,16 @@ inline int threads_for(int64_t n, int V, int cap) {
   if (t < 32) t = 32;
   if (t > cap) t = cap;
   return static_cast<int>(t);
+}
+
+// Calls f(tag) with a value of the storage type that `dt` names (float, bf16, half).
+template <typename F>
+void dispatch_dtype(DType dt, F&& f) {
+  switch (dt) {
+    case DType::kFloat32: f(float{}); break;
+    case DType::kBFloat16: f(__nv_bfloat16{}); break;
+    case DType::kFloat16: f(__half{}); break;
+  }
 }
 
 }  // namespace afkern

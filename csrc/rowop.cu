@@ -211,15 +211,6 @@ __global__ void rowop_bwd_kernel(
 
 // ---- launchers (called by ops.cpp, which owns the checks and the allocations) ----------
 
-template <typename F>
-void dispatch_dtype(DType dt, F&& f) {
-  switch (dt) {
-    case DType::kFloat32: f(float{}); break;
-    case DType::kBFloat16: f(__nv_bfloat16{}); break;
-    case DType::kFloat16: f(__half{}); break;
-  }
-}
-
 }  // namespace
 
 cudaError_t launch_rowop_fwd(DType dt, const void* Z, int64_t z_stride, const void* A, int64_t a_stride,

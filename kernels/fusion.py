@@ -48,6 +48,7 @@ import triton.language as tl
 from ..activations import activation_code, activation_fn
 from ..ops.fusion import _shared_score, layer_prologue
 from ..ops.params import FusionParams, LayerSpec
+from ..ops.rowop import check_rowop_inputs
 
 __all__ = [
     "fusion_layer_triton",
@@ -717,18 +718,9 @@ def _code(activation) -> int:
     return activation if isinstance(activation, int) else activation_code(activation)
 
 
-def _check_rowop(Z, A, sb, n_adapters):
-    if Z.dim() != 2 or A.shape != Z.shape:
-        raise ValueError(f"rowop expects Z and A of the same shape [T, N*r], got {tuple(Z.shape)} and {tuple(A.shape)}")
-    if n_adapters < 1 or Z.shape[1] % n_adapters:
-        raise ValueError(f"rowop: width {Z.shape[1]} is not a multiple of the adapter count {n_adapters}")
-    if sb is not None and sb.shape != (Z.shape[0], n_adapters):
-        raise ValueError(f"rowop expects sb of shape [T, N] = {(Z.shape[0], n_adapters)}, got {tuple(sb.shape)}")
-
-
 def rowop_forward_triton(Z, A, sb, n_adapters, activation, inv_temperature=1.0, score_scale=None):
     """Triton ``afkern.ops.rowop.rowop_forward``: returns Y [T, N*r] (Z's dtype) and p [T, N] float32."""
-    _check_rowop(Z, A, sb, n_adapters)
+    check_rowop_inputs(Z, A, sb, n_adapters)
     Z, A = Z.contiguous(), A.contiguous()
     T, W = Z.shape
     r = W // n_adapters

@@ -35,7 +35,7 @@ import torch
 
 from ..activations import activation_fn, activation_grad
 
-__all__ = ["rowop_forward", "rowop_backward", "acc"]
+__all__ = ["rowop_forward", "rowop_backward", "acc", "check_rowop_inputs"]
 
 
 def acc(t: torch.Tensor) -> torch.Tensor:
@@ -43,7 +43,8 @@ def acc(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float64 else t.float()
 
 
-def _check(Z: torch.Tensor, A: torch.Tensor, sb: Optional[torch.Tensor], n_adapters: int):
+def check_rowop_inputs(Z: torch.Tensor, A: torch.Tensor, sb: Optional[torch.Tensor], n_adapters: int):
+    """Shape checks every row-op implementation shares."""
     if Z.dim() != 2 or A.shape != Z.shape:
         raise ValueError(f"rowop expects Z and A of the same shape [T, N*r], got {tuple(Z.shape)} and {tuple(A.shape)}")
     if n_adapters < 1 or Z.shape[1] % n_adapters:
@@ -63,7 +64,7 @@ def rowop_forward(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Forward of the row op. Returns ``Y`` [T, N*r] in Z's dtype and ``p`` [T, N] in the
     accumulation dtype (float32; float64 for float64 inputs)."""
-    _check(Z, A, sb, n_adapters)
+    check_rowop_inputs(Z, A, sb, n_adapters)
     T, W = Z.shape
     r = W // n_adapters
     G = activation_fn(activation)(acc(Z)).view(T, n_adapters, r)
