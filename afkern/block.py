@@ -169,15 +169,18 @@ class FusedAdapterBlock(nn.Module):
             raise ValueError(f"temperature must be >= 1, got {value!r}")
         self._temperature = float(value)
 
-    def get_extra_state(self):
-        # The temperature travels with state_dict (AdapterHub loses it on reload).
-        return {"temperature": self._temperature, "active_adapter": self.active_adapter}
+    def get_extra_state(self) -> torch.Tensor:
+        # The temperature travels with state_dict (AdapterHub loses it on reload), as a small
+        # float64 tensor [temperature, index of the active adapter or -1] so that every consumer of
+        # state_dict (safetensors, weights_only loads, the TorchScript ONNX exporter) can hold it.
+        active = -1 if self.active_adapter is None else self.adapter_names.index(self.active_adapter)
+        return torch.tensor([self._temperature, float(active)], dtype=torch.float64)
 
     def set_extra_state(self, state) -> None:
-        if isinstance(state, dict):
-            self._temperature = float(state.get("temperature", self._temperature))
-            if self.fusion_config is None and state.get("active_adapter") in self.adapter_names:
-                self.active_adapter = state["active_adapter"]
+        temperature, active = (float(v) for v in torch.as_tensor(state).tolist())
+        self._temperature = temperature
+        if self.fusion_config is None and 0 <= int(active) < self.n_adapters:
+            self.active_adapter = self.adapter_names[int(active)]
 
     @property
     def backend(self) -> str:

@@ -112,3 +112,22 @@ def test_onnx_export_dynamo_matches_onnxruntime(tmp_path):
         got = sess.run(None, {"ids": ids.numpy(), "mask": mask.numpy()})[0]
         assert got.shape == want.shape
         assert abs(got - want).max() < 1e-4, abs(got - want).max()
+
+
+def test_onnx_export_legacy_torchscript_matches_onnxruntime(tmp_path):
+    """The TorchScript-based exporter (dynamo=False) too: the block's extra state (the fusion
+    temperature) is a tensor, which that exporter can carry."""
+    ort = pytest.importorskip("onnxruntime")
+    w = _Wrap(_model(layers=2)).eval()
+    ids, mask = _inputs()
+    path = str(tmp_path / "afkern_bert_ts.onnx")
+    with torch.no_grad():
+        torch.onnx.export(w, (ids, mask), path, input_names=["ids", "mask"], output_names=["hidden"], dynamo=False,
+                          dynamic_axes={"ids": {0: "batch", 1: "seq"}, "mask": {0: "batch", 1: "seq"}})
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    for b, s, seed in ((2, 9, 0), (3, 13, 1)):
+        ids, mask = _inputs(b, s, seed)
+        with torch.no_grad():
+            want = w(ids, mask).numpy()
+        got = sess.run(None, {"ids": ids.numpy(), "mask": mask.numpy()})[0]
+        assert abs(got - want).max() < 1e-4, abs(got - want).max()

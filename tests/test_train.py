@@ -177,7 +177,7 @@ def test_resume_restores_step_optimizer_temperature_and_matches_uninterrupted(en
     t_expect = 50 - 6 * 0.05
     assert len(ck["temperatures"]) == 2 and all(v == pytest.approx(t_expect) for v in ck["temperatures"].values())
     extra = [v for k, v in ck["state"].items() if k.endswith("_extra_state")]
-    assert len(extra) == 2 and all(v["temperature"] == pytest.approx(t_expect) for v in extra)
+    assert len(extra) == 2 and all(v[0].item() == pytest.approx(t_expect) for v in extra)  # [temperature, active]
     opt_steps = {float(s["step"]) for s in ck["optimizer"]["state"].values()}
     assert opt_steps == {4.0} and ck["scheduler"]["last_epoch"] == 4
     resumed = T.run(_fusion_args(env, out, "--fusion-temperature", "--epochs", "2", "--resume"))

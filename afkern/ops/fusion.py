@@ -68,7 +68,9 @@ _INPLACE_ACT = {"relu": torch.relu_, "tanh": torch.tanh_, "sigmoid": torch.sigmo
 
 
 def add_layer_norm_torch(x, residual, weight, bias, eps):
-    return F.layer_norm(x + residual, (x.shape[-1],), weight, bias, eps)
+    # the normalised width from the weight: a constant under tracing even when x has dynamic axes
+    width = weight.shape[0] if weight is not None else x.shape[-1]
+    return F.layer_norm(x + residual, (width,), weight, bias, eps)
 
 
 @dataclass
@@ -151,7 +153,7 @@ def layer_prologue(h, input_tensor, P, spec, add_ln: AddLNFn):
         pre = None
         if add_ln is add_layer_norm_torch:
             pre = h + input_tensor
-            x = F.layer_norm(pre, (pre.shape[-1],), P.ln_weight, P.ln_bias, spec.ln_eps)
+            x = F.layer_norm(pre, (spec.hidden,), P.ln_weight, P.ln_bias, spec.ln_eps)
         else:
             x = add_ln(h, input_tensor, P.ln_weight, P.ln_bias, spec.ln_eps)
         residual = h if spec.residual_before_ln is True else x
