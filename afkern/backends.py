@@ -9,7 +9,7 @@ triton         Triton kernels (fused GEMM prologues/epilogues, row op, LN)      
                                                                                under TRITON_INTERPRET=1
 cuda           torch GEMMs (cuBLAS) + afkern's CUDA row-op / add-LN ops         CUDA, with the
                                                                                built extension
-auto           the fastest that can run on the tensors' device                  any device
+auto           the fastest measured backend that can run on the device         any device
 =============  ==============================================================  ===============
 
 A backend asked for by name that cannot run raises RuntimeError saying why and how to get it;
@@ -84,18 +84,38 @@ def _kernel_ok(spec) -> bool:
     return canonical_activation(spec.activation) in KERNEL_ACTIVATIONS
 
 
+# The order in which ``auto`` tries backends on a CUDA device. The kernel backends enter it only
+# once a GPU benchmark (afkern-bench on a GPU, committed under benchmarks/results/<gpu>/) shows
+# they win there; until then ``auto`` keeps the cuBLAS-backed torch path, which needs no kernel
+# that has not run on a GPU. AFKERN_AUTO_GPU="triton,cuda,torch" opts in earlier.
+AUTO_GPU_ORDER = ("torch",)
+
+
+def _auto_gpu_order() -> Tuple[str, ...]:
+    env = os.environ.get("AFKERN_AUTO_GPU")
+    if not env:
+        return AUTO_GPU_ORDER
+    order = tuple(x.strip() for x in env.split(",") if x.strip())
+    bad = [x for x in order if x not in ("torch", "triton", "cuda")]
+    if bad:
+        raise ValueError(f"AFKERN_AUTO_GPU lists unknown backends {bad}; expected names from torch, triton, cuda")
+    return order
+
+
 def resolve_backend(name: str, device, spec=None) -> str:
     """The concrete backend that ``name`` means for tensors on ``device`` and a block ``spec``.
 
-    ``auto``: on CUDA, Triton where it imports and supports the activation, else the CUDA
-    extension where built, else torch; on CPU, torch (the re-associated path is the fastest
-    there; the reference path is never chosen automatically).
+    ``auto``: on CPU, torch (the re-associated path is the fastest there); on CUDA, the first
+    backend of :data:`AUTO_GPU_ORDER` (or ``AFKERN_AUTO_GPU``) that can run and has the block's
+    activation, else torch. The reference path is never chosen automatically.
     """
     name = _check_name(name)
     device = torch.device(device)
     if name == "auto":
         if device.type == "cuda":
-            for cand in ("triton", "cuda"):
+            for cand in _auto_gpu_order():
+                if cand == "torch":
+                    return "torch"
                 if backend_status(cand, device)[0] and (spec is None or _kernel_ok(spec)):
                     return cand
         return "torch"

@@ -254,3 +254,21 @@ def test_deepcopy_and_dtype_move_keep_results():
         torch.testing.assert_close(c(hs, it), y)
         d = c.double()
         assert rel_err(d(hs.double(), it.double()), y) < 1e-5
+
+
+def test_auto_gpu_order_is_torch_until_measured_and_can_be_opted_in(monkeypatch):
+    from afkern import backends
+
+    spec = _block().spec()
+    assert backends.resolve_backend("auto", "cpu", spec) == "torch"
+    monkeypatch.setattr(backends, "backend_status", lambda name, device="cpu": (True, "ok"))
+    assert backends.resolve_backend("auto", "cuda", spec) == "torch"  # no GPU benchmark yet
+    monkeypatch.setenv("AFKERN_AUTO_GPU", "triton,cuda,torch")
+    assert backends.resolve_backend("auto", "cuda", spec) == "triton"
+    monkeypatch.setenv("AFKERN_AUTO_GPU", "cuda")
+    assert backends.resolve_backend("auto", "cuda", spec) == "cuda"
+    mish = _block(adapter_config=AdapterConfig(non_linearity="mish")).spec()
+    assert backends.resolve_backend("auto", "cuda", mish) == "torch"  # no kernel for mish
+    monkeypatch.setenv("AFKERN_AUTO_GPU", "trition")
+    with pytest.raises(ValueError, match="AFKERN_AUTO_GPU lists unknown backends"):
+        backends.resolve_backend("auto", "cuda", spec)
