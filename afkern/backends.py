@@ -55,7 +55,10 @@ def _triton_status(device: torch.device) -> Tuple[bool, str]:
 
 def _cuda_status(device: torch.device) -> Tuple[bool, str]:
     if device.type != "cuda":
-        return False, f"the cuda backend runs on CUDA tensors; these are on {device.type}"
+        return False, (
+            f"the cuda backend runs on CUDA tensors; these are on {device.type} (it needs a CUDA GPU and the "
+            "extension built at install: AFKERN_FORCE_CUDA_BUILD=1 pip install --no-build-isolation .)"
+        )
     from . import _cuda
 
     ok, why = _cuda.extension_status()
@@ -80,8 +83,11 @@ def available_backends(device=None) -> List[str]:
     return [n for n in BACKENDS if backend_status(n, device)[0]]
 
 
+MAX_KERNEL_ADAPTERS = 64  # the Triton and CUDA kernels hold one token's N scores in registers
+
+
 def _kernel_ok(spec) -> bool:
-    return canonical_activation(spec.activation) in KERNEL_ACTIVATIONS
+    return canonical_activation(spec.activation) in KERNEL_ACTIVATIONS and spec.n_adapters <= MAX_KERNEL_ADAPTERS
 
 
 # The order in which ``auto`` tries backends on a CUDA device. The kernel backends enter it only
@@ -123,6 +129,11 @@ def resolve_backend(name: str, device, spec=None) -> str:
     if not ok:
         raise RuntimeError(f"backend {name!r} cannot run here: {why}")
     if name in ("triton", "cuda") and spec is not None and not _kernel_ok(spec):
+        if spec.n_adapters > MAX_KERNEL_ADAPTERS:
+            raise ValueError(
+                f"backend {name!r} fuses at most {MAX_KERNEL_ADAPTERS} adapters per block, this block has "
+                f"{spec.n_adapters}; use backend='torch'"
+            )
         raise ValueError(
             f"backend {name!r} has no kernel for activation {spec.activation!r}; kernels support "
             f"{sorted(KERNEL_ACTIVATIONS)}; use backend='torch'"

@@ -120,21 +120,27 @@ class FusedAdapterBlock(nn.Module):
     # ------------------------------------------------------------------ init
     @torch.no_grad()
     def reset_adapters(self, index: Optional[int] = None) -> None:
-        """Initialise adapter weights as AdapterHub's ``init_weights`` does (all, or adapter ``index``)."""
+        """Initialise adapter weights as AdapterHub's ``init_weights`` does (all, or adapter ``index``).
+
+        With ``init_weights_seed`` set, every adapter starts from that seed (AdapterHub's
+        ``fix_seed``: all adapters get the same initial weights), without touching torch's global RNG.
+        """
         idx = range(len(self.adapter_names)) if index is None else [index]
         how = self.adapter_config.init_weights
+        seed = self.adapter_config.init_weights_seed
         for n in idx:
+            g = None if seed is None else torch.Generator(device=self.down_weight.device).manual_seed(int(seed))
             if how == "bert":
-                _bert_normal_(self.down_weight[n])
-                _bert_normal_(self.up_weight[n])
+                self.down_weight[n].normal_(mean=0.0, std=0.02, generator=g)
+                self.up_weight[n].normal_(mean=0.0, std=0.02, generator=g)
             elif how == "mam_adapter":
                 w = torch.empty(self.bottleneck, self.hidden_size, dtype=self.down_weight.dtype, device=self.down_weight.device)
-                nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+                nn.init.kaiming_uniform_(w, a=math.sqrt(5), generator=g)
                 self.down_weight[n].copy_(w)
                 self.up_weight[n].zero_()
             else:  # houlsby
-                nn.init.trunc_normal_(self.down_weight[n], mean=0, std=1e-2, a=-2e-2, b=2e-2)
-                nn.init.trunc_normal_(self.up_weight[n], mean=0, std=1e-2, a=-2e-2, b=2e-2)
+                nn.init.trunc_normal_(self.down_weight[n], mean=0, std=1e-2, a=-2e-2, b=2e-2, generator=g)
+                nn.init.trunc_normal_(self.up_weight[n], mean=0, std=1e-2, a=-2e-2, b=2e-2, generator=g)
             self.down_bias[n].zero_()
             self.up_bias[n].zero_()
             # afkern stores the up-projection with AdapterHub's float ``scaling`` folded in
@@ -208,7 +214,8 @@ class FusedAdapterBlock(nn.Module):
             ln_eps=self.LayerNorm.eps,
         )
         if fc is None:
-            return LayerSpec(fusion=False, active=self.adapter_names.index(self.active_adapter), **common)
+            return LayerSpec(fusion=False, active=self.adapter_names.index(self.active_adapter),
+                             adapter_dropout=float(ac.dropout) if self.training else 0.0, **common)
         return LayerSpec(
             fusion=True, query=fc.query, key=fc.key, value=fc.value, query_before_ln=fc.query_before_ln,
             residual_before=fc.residual_before, score_dropout=self.score_dropout, **common,
@@ -234,12 +241,26 @@ class FusedAdapterBlock(nn.Module):
 
     def folded_weights(self) -> FoldedWeights:
         """Inference weights with the frozen products folded; recomputed whenever any source tensor
-        changed (in-place update, reassignment, dtype or device move), so never stale."""
+        changed through torch (optimizer steps, in-place ops, ``load_state_dict``, reassignment,
+        dtype or device moves: each bumps the tensor's version counter or moves its storage).
+
+        Writes through ``param.data`` bypass the version counter: call :meth:`invalidate_folded`
+        after such a write (``train()`` / ``eval()`` also invalidate)."""
         key = tuple((t.data_ptr(), t._version, t.dtype, t.device, t.shape) for t in self._fusion_tensors())
         if key != self._fold_key or self._folded is None:
             self._folded = fold_weights(self.params(), self.spec())
             self._fold_key = key
         return self._folded
+
+    def invalidate_folded(self) -> "FusedAdapterBlock":
+        """Drop the folded inference weights; the next no-grad forward folds afresh."""
+        self._fold_key = None
+        self._folded = None
+        return self
+
+    def train(self, mode: bool = True) -> "FusedAdapterBlock":
+        self.invalidate_folded()
+        return super().train(mode)
 
     # ------------------------------------------------------------------ forward
     def _check_inputs(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> None:

@@ -73,6 +73,8 @@ class AdapterConfig:
         if not isinstance(self.scaling, (int, float)) or isinstance(self.scaling, bool):
             raise ValueError(f"AdapterConfig.scaling must be a float (got {self.scaling!r}); 'learned'/'channel' are not supported")
         self.scaling = float(self.scaling)
+        if self.scaling == 0.0:
+            raise ValueError("AdapterConfig.scaling must be non-zero (a zero scaling switches the adapter off)")
         if self.residual_before_ln not in (True, False, "post_add"):
             raise ValueError(f"AdapterConfig.residual_before_ln must be True, False or 'post_add', got {self.residual_before_ln!r}")
         if self.residual_before_ln == "post_add" and not self.original_ln_before:

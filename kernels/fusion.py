@@ -45,9 +45,10 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ..activations import activation_code, activation_fn
+from ..activations import activation_code
 from ..ops.fusion import _shared_score, layer_prologue
 from ..ops.params import FusionParams, LayerSpec
+from ..ops.reference import single_adapter_output
 from ..ops.rowop import check_rowop_inputs
 
 __all__ = [
@@ -996,10 +997,8 @@ def fusion_layer_triton(
     # prologue (Adapter.pre_forward), with the Triton add + LayerNorm
     x, query, residual, _ = layer_prologue(h, input_tensor, P, spec, add_layer_norm_triton)
 
-    if not spec.fusion:
-        n = spec.active
-        G = activation_fn(spec.activation)(F.linear(x, P.down_weight[n], P.down_bias[n]))
-        hidden = F.linear(G, P.up_weight[n].t(), P.up_bias[n]) + residual
+    if not spec.fusion:  # one adapter, no fusion: nothing N-wide to fuse, torch ops
+        hidden = single_adapter_output(x, residual, P, spec)
         probs = None
     else:
         NR = N * r

@@ -272,3 +272,70 @@ def test_auto_gpu_order_is_torch_until_measured_and_can_be_opted_in(monkeypatch)
     monkeypatch.setenv("AFKERN_AUTO_GPU", "trition")
     with pytest.raises(ValueError, match="AFKERN_AUTO_GPU lists unknown backends"):
         backends.resolve_backend("auto", "cuda", spec)
+
+
+def test_fold_cache_after_data_writes_needs_invalidate_or_mode_switch():
+    """``param.data`` writes bypass torch's version counter: invalidate_folded() or a train()/eval()
+    switch refolds; every write through torch is caught on its own (previous test)."""
+    b = _block().eval()
+    ref = copy.deepcopy(b).set_backend("reference")
+    hs, it = torch.randn(9, 72), torch.randn(9, 40)
+    with torch.no_grad():
+        b(hs, it)
+        for blk in (b, ref):
+            blk.query.weight.data.mul_(2.0)
+        b.invalidate_folded()
+        assert rel_err(b(hs, it), ref(hs, it)) < 1e-6
+        for blk in (b, ref):
+            blk.up_weight.data.mul_(0.5)
+        b.eval()  # a mode switch drops the fold too
+        assert rel_err(b(hs, it), ref(hs, it)) < 1e-6
+
+
+def test_adapter_dropout_applies_to_single_adapter_training_only():
+    b = _block(fusion_config=False, adapter_config=AdapterConfig(dropout=0.5), hidden_dropout_prob=0.0).train()
+    hs, it = torch.randn(5, 72), torch.randn(5, 40)
+    outs = {}
+    for name in ("reference", "torch"):
+        b.set_backend(name)
+        torch.manual_seed(3)
+        outs[name] = b(hs, it)
+    torch.testing.assert_close(outs["torch"], outs["reference"])
+    torch.manual_seed(4)
+    assert not torch.allclose(b(hs, it), outs["torch"])  # another mask
+    b.eval()
+    assert torch.equal(b(hs, it), b(hs, it))
+    # with fusion, AdapterHub feeds the un-dropped up-projections to the fusion: no adapter dropout
+    f = _block(adapter_config=AdapterConfig(dropout=0.5), hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0).train()
+    assert f.spec().adapter_dropout == 0.0 and torch.equal(f(hs, it), f(hs, it))
+
+
+def test_init_weights_seed_gives_every_adapter_the_same_start_and_leaves_global_rng():
+    torch.manual_seed(11)
+    before = torch.get_rng_state()
+    b = FusedAdapterBlock(32, ["a", "b", "c"], adapter_config=AdapterConfig(init_weights_seed=7), fusion_config=False)
+    assert torch.equal(b.down_weight[0], b.down_weight[2]) and torch.equal(b.up_weight[1], b.up_weight[2])
+    b2 = FusedAdapterBlock(32, ["x"], adapter_config=AdapterConfig(init_weights_seed=7), fusion_config=False)
+    assert torch.equal(b2.down_weight[0], b.down_weight[0])
+    unseeded = FusedAdapterBlock(32, ["a", "b"], fusion_config=False)
+    assert not torch.equal(unseeded.down_weight[0], unseeded.down_weight[1])
+    torch.set_rng_state(before)
+
+
+def test_zero_scaling_and_too_many_adapters_for_kernels_are_refused(monkeypatch):
+    with pytest.raises(ValueError, match="scaling must be non-zero"):
+        AdapterConfig(scaling=0.0)
+    from afkern import backends
+
+    spec = FusedAdapterBlock(24, [f"a{i}" for i in range(65)]).spec()
+    monkeypatch.setattr(backends, "backend_status", lambda name, device="cpu": (True, "ok"))
+    for name in ("triton", "cuda"):
+        with pytest.raises(ValueError, match="at most 64 adapters per block, this block has 65"):
+            backends.resolve_backend(name, "cuda", spec)
+    monkeypatch.setenv("AFKERN_AUTO_GPU", "triton,cuda,torch")
+    assert backends.resolve_backend("auto", "cuda", spec) == "torch"
+
+
+def test_cuda_backend_error_says_how_to_get_it():
+    with pytest.raises(RuntimeError, match="AFKERN_FORCE_CUDA_BUILD=1 pip install --no-build-isolation"):
+        _block().set_backend("cuda")

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ..activations import activation_fn
 from .params import FusionParams, LayerSpec
-from .reference import block_prologue
+from .reference import block_prologue, single_adapter_output
 from .rowop import acc
 
 __all__ = ["FoldedWeights", "fold_weights", "fusion_layer_torch", "layer_prologue", "rowop_autograd_torch", "add_layer_norm_torch"]
@@ -182,10 +182,7 @@ def fusion_layer_torch(
     x, query, residual, pre = layer_prologue(h, input_tensor, P, spec, add_ln)
 
     if not spec.fusion:
-        n = spec.active
-        G = activation_fn(spec.activation)(F.linear(x, P.down_weight[n], P.down_bias[n]))
-        up = F.linear(G, P.up_weight[n].t(), P.up_bias[n])
-        hidden = up + residual
+        hidden = single_adapter_output(x, residual, P, spec)
         probs = None
     else:
         NR = N * r

@@ -34,6 +34,7 @@ class LayerSpec:
     query_before_ln: bool = False
     residual_before: bool = False
     score_dropout: float = 0.0
+    adapter_dropout: float = 0.0  # AdapterHub's adapter ``dropout`` on ``up``: only single-adapter blocks in training
 
 
 @dataclass

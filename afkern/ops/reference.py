@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ..activations import activation_fn
 from .params import FusionParams, LayerSpec
 
-__all__ = ["fusion_layer_reference", "block_prologue"]
+__all__ = ["fusion_layer_reference", "block_prologue", "single_adapter_output"]
 
 
 def block_prologue(h: torch.Tensor, input_tensor: torch.Tensor, P: FusionParams, spec: LayerSpec):
@@ -41,6 +41,14 @@ def _adapter_up(x: torch.Tensor, P: FusionParams, n: int, act) -> torch.Tensor:
     return F.linear(down, P.up_weight[n].t(), P.up_bias[n])
 
 
+def single_adapter_output(x: torch.Tensor, residual: torch.Tensor, P: FusionParams, spec: LayerSpec) -> torch.Tensor:
+    """One active adapter without fusion (``Adapter.forward``): ``dropout(up) + residual``."""
+    up = _adapter_up(x, P, spec.active, activation_fn(spec.activation))
+    if spec.adapter_dropout > 0:
+        up = F.dropout(up, spec.adapter_dropout, training=True)
+    return up + residual
+
+
 def fusion_layer_reference(
     h: torch.Tensor,
     input_tensor: torch.Tensor,
@@ -56,8 +64,7 @@ def fusion_layer_reference(
     act = activation_fn(spec.activation)
     x, query, residual = block_prologue(h, input_tensor, P, spec)
     if not spec.fusion:
-        up = _adapter_up(x, P, spec.active, act)
-        hidden = up + residual
+        hidden = single_adapter_output(x, residual, P, spec)
         probs = None
     else:
         ups = [_adapter_up(x, P, n, act) for n in range(spec.n_adapters)]
