@@ -316,7 +316,7 @@ class FusedAdapterBlock(nn.Module):
         folded = None
         # the fold cache keys on data pointers, which torch.compile cannot trace (fullgraph): compiled
         # graphs run the unfolded re-associated form and let the compiler plan the GEMMs
-        if (spec.fusion and name != "reference" and not self._needs_grad() and h2.dtype == self.down_weight.dtype
+        if (spec.fusion and name != "reference" and not self._needs_grad()
                 and not torch.compiler.is_compiling()):
             folded = self.folded_weights()
         ctrl = self.fusion_control if spec.fusion else None

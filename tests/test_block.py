@@ -339,3 +339,22 @@ def test_zero_scaling_and_too_many_adapters_for_kernels_are_refused(monkeypatch)
 def test_cuda_backend_error_says_how_to_get_it():
     with pytest.raises(RuntimeError, match="AFKERN_FORCE_CUDA_BUILD=1 pip install --no-build-isolation"):
         _block().set_backend("cuda")
+
+
+def test_autocast_inference_uses_folded_weights_and_training_works():
+    b = _block().eval()
+    hs, it = torch.randn(2, 7, 72), torch.randn(2, 7, 40)
+    with torch.no_grad():
+        ref = b(hs, it)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = b(hs, it)
+    assert b._folded is not None and y.dtype == torch.bfloat16
+    assert rel_err(y.float(), ref) < 2e-2
+    b.train()
+    b.dropout.p = 0.0
+    b.score_dropout = 0.0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = b(hs, it)
+    y.float().pow(2).mean().backward()
+    assert rel_err(y.float(), ref) < 2e-2
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in (b.query.weight, b.key.weight, b.value.weight))

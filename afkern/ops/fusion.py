@@ -221,7 +221,7 @@ def fusion_layer_torch(
             reuse_pre = pre is not None and spec.original_ln_after and spec.residual_before_ln is True \
                 and not spec.residual_before
             hidden = torch.addmm(pre if reuse_pre else base, Y, folded.w_out[:NR])
-            hidden = hidden.addmm_(probs.to(Y.dtype), folded.w_out[NR:])
+            hidden = hidden.addmm_(probs.to(hidden.dtype), folded.w_out[NR:].to(hidden.dtype))  # [N, d]: autocast-safe
             if reuse_pre:
                 return F.layer_norm(hidden, (d,), P.ln_weight, P.ln_bias, spec.ln_eps), probs
         else:
