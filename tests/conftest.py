@@ -58,6 +58,15 @@ def perturb_(module, scale=0.2, seed=0):
     return module
 
 
+def token_batch(batch, seq, pad_from, seed=0, low=0, high=97):
+    """input_ids [batch, seq] and an attention mask whose last row is padded from ``pad_from`` on."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(low, high, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    mask[-1, pad_from:] = 0
+    return dict(input_ids=ids, attention_mask=mask)
+
+
 def rel_err(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import afkern
-from conftest import perturb_
+from conftest import perturb_, token_batch
 
 NAMES = ["a", "b", "c"]
 
@@ -34,11 +34,7 @@ def _cls(name):
 
 
 def _inputs(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 97, (2, 9), generator=g)
-    mask = torch.ones(2, 9, dtype=torch.long)
-    mask[1, 6:] = 0
-    return dict(input_ids=ids, attention_mask=mask)
+    return token_batch(2, 9, 6, seed)
 
 
 def _outputs(model, inputs):

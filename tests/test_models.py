@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import afkern
-from conftest import perturb_
+from conftest import perturb_, token_batch
 
 COMMON = dict(hidden_size=40, num_hidden_layers=2, num_attention_heads=4, intermediate_size=72, vocab_size=97,
               max_position_embeddings=64)
@@ -41,11 +41,7 @@ def _model(model_type, head=False, seed=0):
 
 
 def _inputs(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, 90, (2, 11), generator=g)
-    mask = torch.ones(2, 11, dtype=torch.long)
-    mask[1, 7:] = 0
-    return dict(input_ids=ids, attention_mask=mask)
+    return token_batch(2, 11, 7, seed, low=5, high=90)
 
 
 def _hidden(model, inputs):
