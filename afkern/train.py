@@ -802,7 +802,7 @@ def _add_common(p: argparse.ArgumentParser, stage: str) -> None:
     g.add_argument("--output-dir", required=stage != "demo", default=None,
                    help="where adapters, heads, fusion, heatmap, metrics JSON and checkpoints go")
     g.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "cuda", "reference"],
-                   help="afkern backend for the fused blocks (default auto: the fastest that runs on the device)")
+                   help="afkern backend for the fused blocks (default auto: the fastest measured backend that runs on the device)")
     g.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu or cuda")
     g.add_argument("--amp", default="auto", choices=["auto", "bf16", "off"],
                    help="mixed precision: auto = torch.autocast bf16 on a GPU, off on CPU")
