@@ -28,7 +28,7 @@ test: $(STAMP)
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 	bash scripts/test_tf5.sh
 	bash scripts/test_cuda_build.sh
-	bash scripts/test_triton36.sh
+	bash scripts/test_triton36.sh --interp
 
 test-fast: $(STAMP)
 	$(VENV)/bin/pytest -q -m "not slow" $(PYTEST_ARGS)
@@ -40,7 +40,7 @@ test-cuda-build:
 	bash scripts/test_cuda_build.sh
 
 test-triton36:
-	bash scripts/test_triton36.sh
+	bash scripts/test_triton36.sh --interp
 
 # The main job: the benchmark suite on the default device (CPU here, GPU where present).
 bench: $(STAMP)
