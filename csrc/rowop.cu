@@ -23,6 +23,29 @@
 namespace afkern {
 namespace {
 
+// Adds sum_i u[i] act(z[i]) over one V-wide chunk starting at column j0 into acc_sh[adapter of
+// the column]: the chunk is split where it crosses into the next adapter's r columns (r >= 1, so
+// at most one boundary per column step).
+template <int V>
+__device__ __forceinline__ void add_segmented_dot(const float (&u)[V], const float (&zv)[V], int j0, int W, int r,
+                                                  int act, float* acc_sh) {
+  int n = j0 / r, bnd = (n + 1) * r;
+  float acc = 0.f;
+#pragma unroll
+  for (int i = 0; i < V; ++i) {
+    if (j0 + i < W) {
+      if (j0 + i >= bnd) {
+        atomicAdd(&acc_sh[n], acc);
+        acc = 0.f;
+        ++n;
+        bnd += r;
+      }
+      acc = fmaf(u[i], act_fwd(act, zv[i]), acc);
+    }
+  }
+  atomicAdd(&acc_sh[n], acc);
+}
+
 template <typename T>
 __global__ void rowop_fwd_kernel(
     const T* __restrict__ Z, int64_t z_stride,          // [T, W] pre-activations, row stride
@@ -45,21 +68,7 @@ __global__ void rowop_fwd_kernel(
     float zv[V], av[V];
     load_chunk<T, V>(z, j0, W, vz, zv);
     load_chunk<T, V>(a, j0, W, va, av);
-    int n = j0 / r, bnd = (n + 1) * r;
-    float acc = 0.f;
-#pragma unroll
-    for (int i = 0; i < V; ++i) {
-      if (j0 + i < W) {
-        if (j0 + i >= bnd) {  // crossed into the next adapter (r >= 1: at most one step)
-          atomicAdd(&s_sh[n], acc);
-          acc = 0.f;
-          ++n;
-          bnd += r;
-        }
-        acc = fmaf(av[i], act_fwd(act, zv[i]), acc);
-      }
-    }
-    atomicAdd(&s_sh[n], acc);
+    add_segmented_dot<V>(av, zv, j0, W, r, act, s_sh);
   }
   __syncthreads();
 
@@ -136,21 +145,7 @@ __global__ void rowop_bwd_kernel(
     float dyv[V], zv[V];
     load_chunk<T, V>(dy, j0, W, vdy, dyv);
     load_chunk<T, V>(z, j0, W, vz, zv);
-    int n = j0 / r, bnd = (n + 1) * r;
-    float acc = 0.f;
-#pragma unroll
-    for (int i = 0; i < V; ++i) {
-      if (j0 + i < W) {
-        if (j0 + i >= bnd) {
-          atomicAdd(&g_sh[n], acc);
-          acc = 0.f;
-          ++n;
-          bnd += r;
-        }
-        acc = fmaf(dyv[i], act_fwd(act, zv[i]), acc);
-      }
-    }
-    atomicAdd(&g_sh[n], acc);
+    add_segmented_dot<V>(dyv, zv, j0, W, r, act, g_sh);
   }
   __syncthreads();
 
