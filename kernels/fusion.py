@@ -592,6 +592,21 @@ def _fusion_mix_kernel_impl(
 
 
 @triton.jit
+def _per_adapter_dots(U, stride_u, Z, stride_z, rows, jj, m2, ns, R, NADP, ACT: tl.constexpr,
+                      BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[BLOCK_T, BLOCK_N] with column n = sum_j U_nj act(Z_nj) over adapter n's R columns: the
+    scores (U = A) in the forward, g (U = dY) in the backward."""
+    out = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+    for n in range(0, NADP):
+        cols = n * R + jj
+        z = tl.load(Z + rows[:, None] * stride_z + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+        u = tl.load(U + rows[:, None] * stride_u + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+        un = tl.sum(tl.where(m2, u * _act(z, ACT), 0.0), axis=1)
+        out = tl.where(ns[None, :] == n, un[:, None], out)
+    return out
+
+
+@triton.jit
 def _rowop_fwd_kernel(
     Z,  # [T, N*R] pre-activations
     A,  # [T, N*R] query pull-back
@@ -619,13 +634,7 @@ def _rowop_fwd_kernel(
     nmask = ns < NADP
     m2 = rmask[:, None] & jmask[None, :]
     mn = rmask[:, None] & nmask[None, :]
-    s = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
-    for n in range(0, NADP):
-        cols = n * R + jj
-        z = tl.load(Z + rows[:, None] * stride_z + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-        a = tl.load(A + rows[:, None] * stride_a + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-        sn = tl.sum(tl.where(m2, a * _act(z, ACT), 0.0), axis=1)
-        s = tl.where(ns[None, :] == n, sn[:, None], s)
+    s = _per_adapter_dots(A, stride_a, Z, stride_z, rows, jj, m2, ns, R, NADP, ACT, BLOCK_T, BLOCK_N)
     if HAS_SB:
         s += tl.load(SB + rows[:, None] * stride_sb + ns[None, :], mask=mn, other=0.0).to(tl.float32)
     if HAS_M:
@@ -676,13 +685,7 @@ def _rowop_bwd_kernel(
     nmask = ns < NADP
     m2 = rmask[:, None] & jmask[None, :]
     mn = rmask[:, None] & nmask[None, :]
-    g = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
-    for n in range(0, NADP):
-        cols = n * R + jj
-        z = tl.load(Z + rows[:, None] * stride_z + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=m2, other=0.0).to(tl.float32)
-        gn = tl.sum(tl.where(m2, dy * _act(z, ACT), 0.0), axis=1)
-        g = tl.where(ns[None, :] == n, gn[:, None], g)
+    g = _per_adapter_dots(DY, stride_dy, Z, stride_z, rows, jj, m2, ns, R, NADP, ACT, BLOCK_T, BLOCK_N)
     if HAS_DP:
         g += tl.load(DP + rows[:, None] * stride_dp + ns[None, :], mask=mn, other=0.0).to(tl.float32)
     p = tl.load(P + rows[:, None] * stride_p + ns[None, :], mask=mn, other=0.0)
