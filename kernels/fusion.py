@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 
 from ..activations import activation_code
-from ..ops.fusion import _shared_score, layer_prologue
+from ..ops.fusion import shared_score, layer_prologue
 from ..ops.params import FusionParams, LayerSpec
 from ..ops.reference import single_adapter_output
 from ..ops.rowop import check_rowop_inputs
@@ -1040,7 +1040,7 @@ def fusion_layer_triton(
             qp = qp.contiguous()
             res_in = residual if (spec.residual_before or not spec.value) else None
             # under score dropout the per-token terms shared by all adapters no longer cancel
-            sc = _shared_score(query, qp, residual, P, spec) if score_scale is not None else None
+            sc = shared_score(query, qp, residual, P, spec) if score_scale is not None else None
             mix, probs = fusion_core_triton(
                 x, qp, Wd_cat.t(), P.down_bias.reshape(NR), Wu_cat.t(), None, P.up_bias.t(), None,
                 Wu_cat, P.up_bias, res_in, score_scale, N, r, act, inv_temperature, shared_score=sc,

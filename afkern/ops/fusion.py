@@ -31,7 +31,10 @@ from .params import FusionParams, LayerSpec
 from .reference import block_prologue, single_adapter_output
 from .rowop import acc
 
-__all__ = ["FoldedWeights", "fold_weights", "fusion_layer_torch", "layer_prologue", "rowop_autograd_torch", "add_layer_norm_torch"]
+__all__ = [
+    "FoldedWeights", "fold_weights", "fusion_layer_torch", "layer_prologue", "shared_score",
+    "rowop_autograd_torch", "add_layer_norm_torch",
+]
 
 RowOpFn = Callable[..., Tuple[torch.Tensor, torch.Tensor]]
 AddLNFn = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], float], torch.Tensor]
@@ -135,7 +138,7 @@ def fold_weights(P: FusionParams, spec: LayerSpec) -> FoldedWeights:
     return FoldedWeights(cast(w_in), cast(b_in), cast(qw), cast(qb), cast(w_out), cast(w_res))
 
 
-def _shared_score(query, qp, residual, P: FusionParams, spec: LayerSpec) -> torch.Tensor:
+def shared_score(query, qp, residual, P: FusionParams, spec: LayerSpec) -> torch.Tensor:
     """[T] score term shared by all adapters: ``q . bk`` (+ ``q' . residual`` under residual_before)."""
     c = torch.zeros_like(qp[:, 0])
     if spec.key:
@@ -209,7 +212,7 @@ def fusion_layer_torch(
                 # Score dropout multiplies each adapter's full score, so the terms that are equal
                 # for every adapter (q . bk, and q' . residual under residual_before) no longer
                 # cancel in the softmax: add them back.
-                sb = sb + _shared_score(query, qp, residual, P, spec).unsqueeze(-1)
+                sb = sb + shared_score(query, qp, residual, P, spec).unsqueeze(-1)
         Y, probs = rowop(Z, A, sb, N, spec.activation, inv_temperature, score_scale)
         if folded is not None:
             # ctx = residual-term + [Y | p] @ w_out, as two accumulating GEMMs (no concat copy).
