@@ -6,11 +6,12 @@ exactly equal to AdapterHub's ``adapters`` implementation, in place of BERT's ou
 
 __version__ = "0.1.0"
 
-from .activations import KERNEL_ACTIVATIONS
+from .ops.limits import KERNEL_ACTIVATIONS
 from .backends import available_backends, resolve_backend
 from .block import FusedAdapterBlock
 from .config import AdapterConfig, FusionConfig
-from .patching import fused_blocks, fusion_regularization_loss, patch_bert, set_active_adapter, set_backend
+from .model import fused_blocks, fusion_regularization_loss, set_active_adapter, set_backend
+from .patching import patch_bert, patch_model
 from .adapterhub import from_adapterhub, load_adapterhub, save_adapterhub
 from .analysis import fusion_weights, plot_fusion_weights, record_fusion_weights
 from .control import (
@@ -23,6 +24,7 @@ __all__ = [
     "AdapterConfig",
     "FusionConfig",
     "FusedAdapterBlock",
+    "patch_model",
     "patch_bert",
     "from_adapterhub",
     "load_adapterhub",

@@ -4,7 +4,7 @@ AdapterHub resolves ``non_linearity`` through ``transformers.activations.get_act
 (plus its own ``"leakyrelu"``).  The torch paths call the same functions written here in
 plain torch, so afkern does not depend on a transformers version for them.  The fused
 kernels (Triton, CUDA) implement the subset in :data:`KERNEL_ACTIVATIONS` and identify
-each one by a small integer code; the code table is shared by both kernel families.
+each one by a small integer code (the table lives in ``afkern.ops.limits``).
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from typing import Callable, Dict
 
 import torch
 import torch.nn.functional as F
+
+from .ops.limits import KERNEL_ACTIVATIONS
 
 __all__ = [
     "ACTIVATIONS",
@@ -72,18 +74,6 @@ _ALIASES = {
     "none": "linear",
 }
 
-# Integer codes used by the Triton and CUDA kernels (keep both in sync with this table).
-KERNEL_ACTIVATIONS: Dict[str, int] = {
-    "linear": 0,
-    "relu": 1,
-    "gelu": 2,
-    "gelu_tanh": 3,
-    "silu": 4,
-    "tanh": 5,
-    "sigmoid": 6,
-    "leakyrelu": 7,
-    "quick_gelu": 8,
-}
 
 
 def canonical_activation(name) -> str:

@@ -25,10 +25,11 @@ import torch
 import torch.nn as nn
 
 from ._io import atomic_write_bytes, atomic_write_json
-from .backends import _check_name
+from .backends import check_name
 from .block import FusedAdapterBlock
 from .config import AdapterConfig, FusionConfig
-from .patching import _model_dropout, encoder_layers, fused_blocks, output_sites
+from .model import fused_blocks, install
+from .patching import _model_dropout, encoder_layers, output_sites
 
 __all__ = ["from_adapterhub", "load_adapterhub", "save_adapterhub"]
 
@@ -143,11 +144,6 @@ def _parse_site_keys(sd: Mapping[str, torch.Tensor], kind: str, owner: str) -> D
 
 
 # ---------------------------------------------------------------------------------- build
-def _install(model: nn.Module, builds: List[Tuple[nn.Module, str, FusedAdapterBlock]]) -> None:
-    for parent, attr, block in builds:
-        setattr(parent, attr, block)
-
-
 def _fill_block(block: FusedAdapterBlock, adapters: Dict[str, Dict[str, torch.Tensor]],
                 fusion: Optional[Dict[str, torch.Tensor]], where: str) -> None:
     need = ("adapter_down.0.weight", "adapter_down.0.bias", "adapter_up.weight", "adapter_up.bias")
@@ -179,7 +175,7 @@ def from_adapterhub(model: nn.Module, backend: str = "auto") -> nn.Module:
     For an ``adapters`` ``*AdapterModel`` (with prediction heads) the converted base model is
     returned (heads are AdapterHub objects; move them yourself). The input model is not modified.
     """
-    _check_name(backend)
+    check_name(backend)
     try:
         from adapters.composition import Fuse, Stack
     except ImportError as exc:  # pragma: no cover
@@ -256,7 +252,7 @@ def from_adapterhub(model: nn.Module, backend: str = "auto") -> nn.Module:
             builds.append((new_parent, new_attr, block))
     if not builds:
         raise ValueError(f"no layer carries the fusion {fusion_name!r}")
-    _install(plain, builds)
+    install(builds)
     return plain
 
 
@@ -278,7 +274,7 @@ def load_adapterhub(model: nn.Module, adapter_dirs, fusion_dir: Optional[str] = 
             fusion order. Without it the adapters are added without fusion (first one active).
     The model is modified only after every file was read and checked. Returns the model.
     """
-    _check_name(backend)
+    check_name(backend)
     dirs = _resolve_dirs(adapter_dirs)
     if not dirs:
         raise ValueError("load_adapterhub needs at least one adapter directory")
@@ -348,7 +344,7 @@ def load_adapterhub(model: nn.Module, adapter_dirs, fusion_dir: Optional[str] = 
             builds.append((parent, attr, block))
     if not builds:
         raise ValueError("no adapter weights matched the model's layers")
-    _install(model, builds)
+    install(builds)
     return model
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from ._io import atomic_write_bytes
-from .patching import fused_blocks
+from .model import fused_blocks
 
 __all__ = ["record_fusion_weights", "fusion_weights", "plot_fusion_weights"]
 

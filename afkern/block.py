@@ -1,54 +1,80 @@
-"""``FusedAdapterBlock``: a drop-in for BERT's ``BertOutput`` / ``BertSelfOutput`` that holds N
-bottleneck adapters and their AdapterFusion as stacked parameters.
+"""``FusedAdapterBlock``: N bottleneck adapters and their AdapterFusions at one adapter site.
 
-``forward(hidden_states, input_tensor)`` has BertOutput's signature and semantics:
-``dense -> dropout -> [N adapters + fusion, AdapterHub semantics] -> LayerNorm``.
+At a BERT-style output module (``BertOutput`` / ``BertSelfOutput``) the block takes its place:
+``forward(hidden_states, input_tensor)`` has that module's signature and semantics,
+``dense -> dropout -> [N adapters + fusion, AdapterHub semantics] -> LayerNorm``. At the sites of
+other families (docs/DESIGN.md section 6) the model's own code computes the sub-layer output ``h``
+and the family's hooks call :meth:`FusedAdapterBlock.adapter_forward` (AdapterHub's
+``bottleneck_layer_forward(h, residual_input, layer_norm)``) with the site's norm attached to the
+block, or none at a norm-free site.
+
+The adapters are held once, stacked; any number of named fusions over subsets of them live in
+``block.fusions`` (:class:`afkern.fusion.AdapterFusion`). One setup is active: a fusion
+(``active_fusion``) or a single adapter (``active_adapter``, as AdapterHub's
+``set_active_adapters(name)``, for stage-1 training).
 """
 
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
 from .activations import canonical_activation
-from .backends import get_layer_fn, resolve_backend, _check_name
+from .backends import REGISTRY, check_name, resolve_backend
 from .config import FusionConfig, load_adapter_config
-from .ops.fusion import FoldedWeights, fold_weights
+from .fusion import AdapterFusion, FusionControl
+from .ops.fold import FoldedWeights, fold_weights
 from .ops.params import FusionParams, LayerSpec
 
-__all__ = ["FusedAdapterBlock"]
+__all__ = ["FusedAdapterBlock", "check_adapter_names"]
 
-_T_START = 50.0
+_ADAPTER_PARAMS = ("down_weight", "down_bias", "up_weight", "up_bias")
 
 
-def _bert_normal_(t: torch.Tensor) -> None:
-    t.normal_(mean=0.0, std=0.02)
+def check_adapter_names(names, what: str = "adapter names") -> List[str]:
+    """A non-empty list of distinct, non-empty strings without '.', or a ValueError/TypeError saying why."""
+    names = [names] if isinstance(names, str) else (list(names) if names is not None else [])
+    if not names:
+        raise ValueError(f"at least one {what.rstrip('s')} is needed, got none")
+    if any(not isinstance(n, str) or not n for n in names):
+        raise TypeError(f"{what} must be non-empty strings, got {names!r}")
+    dotted = [n for n in names if "." in n]
+    if dotted:
+        raise ValueError(f"{what} may not contain '.' (they become module names), got {dotted}")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"duplicate {what} {dup} in {names}")
+    return names
 
 
 class FusedAdapterBlock(nn.Module):
-    """N bottleneck adapters + AdapterFusion in place of a BERT output module.
+    """N bottleneck adapters + their fusions at one adapter site.
 
     Args:
         hidden_size: d, the model width (``input_tensor`` and the output are [..., d]).
         adapter_names: names of the N adapters, in fusion order (AdapterHub's ``Fuse(...)`` order).
         adapter_config: :class:`AdapterConfig` (default Pfeiffer).
-        fusion_config: :class:`FusionConfig` (default dynamic); ``False`` for no fusion: then
-            exactly one adapter is active (``active_adapter``), as in single-task training.
+        fusion_config: :class:`FusionConfig` (default dynamic) of a fusion over all N adapters,
+            named ``fusion_name`` (default AdapterHub's ``"a,b,c"``) and active; ``False`` for none:
+            then exactly one adapter is active (``active_adapter``), as in single-task training.
         in_features: width of ``hidden_states`` (BERT's intermediate size for ``BertOutput``,
             d for ``BertSelfOutput``); default d.
         layer_norm_eps, hidden_dropout_prob: the wrapped module's settings.
-        attention_probs_dropout_prob: AdapterHub's default score-dropout rate when
-            ``fusion_config.dropout_prob`` is None.
+        attention_probs_dropout_prob: AdapterHub's default score-dropout rate when a fusion's
+            ``dropout_prob`` is None.
         backend: ``"auto"`` (default), ``"torch"``, ``"triton"``, ``"cuda"`` or ``"reference"``.
-        layer_idx: the encoder layer, for per-layer reduction factors.
+        layer_idx: the layer, for per-layer reduction factors.
+        wrap_output: True (default) to own ``dense``, ``dropout`` and ``LayerNorm`` of an output
+            module; False for a hooked site, whose norm is given by :meth:`attach_norm`.
 
     Parameters (AdapterHub names in brackets): ``dense``, ``LayerNorm`` (the wrapped module's);
     ``down_weight`` [N, r, d] (``adapter_down.0.weight``), ``down_bias`` [N, r];
-    ``up_weight`` [N, r, d] (``adapter_up.weight`` transposed), ``up_bias`` [N, d];
-    ``query``, ``key``, ``value`` (``adapter_fusion_layer.<names>.query`` ...).
+    ``up_weight`` [N, r, d] (``adapter_up.weight`` transposed, float ``scaling`` folded in),
+    ``up_bias`` [N, d]; ``fusions.<name>.query`` / ``key`` / ``value``
+    (``adapter_fusion_layer.<name>.query`` ...).
     """
 
     def __init__(
@@ -65,33 +91,29 @@ class FusedAdapterBlock(nn.Module):
         layer_idx: Optional[int] = None,
         device=None,
         dtype=None,
+        fusion_name: Optional[str] = None,
+        wrap_output: bool = True,
     ):
         super().__init__()
         if not isinstance(hidden_size, int) or hidden_size < 1:
             raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
-        names = list(adapter_names) if adapter_names is not None else []
-        if not names:
-            raise ValueError("FusedAdapterBlock needs at least one adapter name, got none")
-        if any(not isinstance(n, str) or not n for n in names):
-            raise TypeError(f"adapter names must be non-empty strings, got {names!r}")
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(f"duplicate adapter names {dup} in {names}")
+        names = check_adapter_names(adapter_names)
         self.adapter_config = load_adapter_config(adapter_config)
-        self.fusion_config = None if fusion_config is False else FusionConfig.load(fusion_config)
         self.adapter_names: List[str] = names
         self.hidden_size = hidden_size
         self.in_features = in_features or hidden_size
         self.layer_idx = layer_idx
         self.bottleneck = self.adapter_config.bottleneck(hidden_size, layer_idx)
-        self.active_adapter: Optional[str] = None if self.fusion_config is not None else names[0]
+        self.attention_probs_dropout_prob = float(attention_probs_dropout_prob)
+        self.wraps_output = bool(wrap_output)
         fk = dict(device=device, dtype=dtype)
         N, r, d = len(names), self.bottleneck, hidden_size
 
-        # the wrapped BertOutput / BertSelfOutput
-        self.dense = nn.Linear(self.in_features, d, **fk)
-        self.LayerNorm = nn.LayerNorm(d, eps=layer_norm_eps, **fk)
-        self.dropout = nn.Dropout(hidden_dropout_prob)
+        if self.wraps_output:  # the wrapped BertOutput / BertSelfOutput
+            self.dense = nn.Linear(self.in_features, d, **fk)
+            self.LayerNorm = nn.LayerNorm(d, eps=layer_norm_eps, **fk)
+            self.dropout = nn.Dropout(hidden_dropout_prob)
+        self._site_norm: Tuple[nn.Module, ...] = ()  # a hooked site's norm, not registered (the model owns it)
 
         self.down_weight = nn.Parameter(torch.empty(N, r, d, **fk))
         self.down_bias = nn.Parameter(torch.empty(N, r, **fk))
@@ -99,23 +121,20 @@ class FusedAdapterBlock(nn.Module):
         self.up_bias = nn.Parameter(torch.empty(N, d, **fk))
         self.reset_adapters()
 
-        fc = self.fusion_config
-        self.score_dropout = 0.0
-        self._temperature = 1.0
-        if fc is not None:
-            self.query = nn.Linear(d, d, **fk) if fc.query else None
-            self.key = nn.Linear(d, d, **fk) if fc.key else None
-            self.value = nn.Linear(d, d, bias=False, **fk) if fc.value else None
-            self.score_dropout = float(fc.dropout_prob if fc.dropout_prob else attention_probs_dropout_prob)
-            self._temperature = _T_START if fc.temperature else 1.0
-            self.reset_fusion()
-        self._backend = _check_name(backend)
+        self.fusions = nn.ModuleDict()
+        self.active_fusion: Optional[str] = None
+        self.active_adapter: Optional[str] = None
+        if fusion_config is False:
+            self.active_adapter = names[0]
+        else:
+            self.add_fusion(fusion_name or ",".join(names), names, fusion_config)
+            self.active_fusion = fusion_name or ",".join(names)
+        self._backend = check_name(backend)
         self.record_fusion_weights = False
         self.fusion_weights: Optional[torch.Tensor] = None
-        self._fold_key = None
-        self._folded: Optional[FoldedWeights] = None
-        # inference-time control of the fusion weights (afkern.control); None: plain fusion
-        self.fusion_control = None
+        self._folded: Dict[str, Tuple[tuple, FoldedWeights]] = {}
+        # inference-time control of the active fusion's weights (afkern.control); None: plain fusion
+        self.fusion_control: Optional[FusionControl] = None
 
     # ------------------------------------------------------------------ init
     @torch.no_grad()
@@ -148,114 +167,226 @@ class FusedAdapterBlock(nn.Module):
 
     @torch.no_grad()
     def reset_fusion(self) -> None:
-        """Initialise query/key/value as AdapterHub's ``BertFusion`` does."""
-        fc = self.fusion_config
-        for lin in (self.query, self.key, self.value):
-            if lin is not None:
-                _bert_normal_(lin.weight)
-                if lin.bias is not None:
-                    lin.bias.zero_()
-        if self.value is not None and fc.value_initialized:
-            self.value.weight.fill_(1e-6).fill_diagonal_(1.0)
-        self._temperature = _T_START if fc.temperature else 1.0
+        """Initialise every fusion's query/key/value (and temperature) as AdapterHub does."""
+        for f in self.fusions.values():
+            f.reset_parameters()
+
+    # ------------------------------------------------------------------ fusions
+    def add_fusion(self, name: str, adapter_names: Sequence[str], fusion_config=None,
+                   score_dropout: Optional[float] = None) -> AdapterFusion:
+        """Add a fusion ``name`` over ``adapter_names`` (a subset of this block's adapters, in the
+        fusion's order), initialised as AdapterHub initialises one; returns it (not made active)."""
+        (name,) = check_adapter_names([name], "fusion name")
+        if name in self.fusions:
+            raise ValueError(f"this block already has a fusion named {name!r}")
+        names = check_adapter_names(adapter_names)
+        unknown = [n for n in names if n not in self.adapter_names]
+        if unknown:
+            raise ValueError(f"fusion {name!r} names adapters {unknown} that the block lacks; it has {self.adapter_names}")
+        fc = FusionConfig.load(fusion_config)
+        rate = score_dropout if score_dropout is not None else (fc.dropout_prob or self.attention_probs_dropout_prob)
+        w = self.down_weight
+        fusion = AdapterFusion(self.hidden_size, names, fc, rate, device=w.device, dtype=w.dtype)
+        fusion.train(self.training)
+        self.fusions[name] = fusion
+        return fusion
+
+    def set_active_fusion(self, name: str) -> "FusedAdapterBlock":
+        if name not in self.fusions:
+            raise ValueError(f"unknown fusion {name!r}; the block has {list(self.fusions)}")
+        self.active_fusion, self.active_adapter = name, None
+        self.fusion_control = None
+        return self
+
+    def set_active_adapter(self, name: str) -> "FusedAdapterBlock":
+        """Run one adapter alone, without fusion (AdapterHub's ``set_active_adapters(name)``)."""
+        if name not in self.adapter_names:
+            raise ValueError(f"unknown adapter {name!r}; the block has {self.adapter_names}")
+        self.active_fusion, self.active_adapter = None, name
+        self.fusion_control = None
+        return self
+
+    @property
+    def fusion(self) -> Optional[AdapterFusion]:
+        """The active fusion (None when a single adapter is active)."""
+        return None if self.active_fusion is None else self.fusions[self.active_fusion]
+
+    @property
+    def fusion_config(self) -> Optional[FusionConfig]:
+        """The active fusion's config, or None when a single adapter is active."""
+        f = self.fusion
+        return None if f is None else f.config
+
+    @property
+    def query(self) -> Optional[nn.Linear]:
+        f = self.fusion
+        return None if f is None else f.query
+
+    @property
+    def key(self) -> Optional[nn.Linear]:
+        f = self.fusion
+        return None if f is None else f.key
+
+    @property
+    def value(self) -> Optional[nn.Linear]:
+        f = self.fusion
+        return None if f is None else f.value
+
+    @property
+    def score_dropout(self) -> float:
+        """The active fusion's score-dropout rate in training (0 without a fusion)."""
+        f = self.fusion
+        return 0.0 if f is None else f.score_dropout
+
+    @score_dropout.setter
+    def score_dropout(self, rate: float) -> None:
+        if self.fusion is None:
+            raise ValueError("this block has no active fusion; set_active_fusion first")
+        if not 0.0 <= float(rate) < 1.0:
+            raise ValueError(f"score dropout must be in [0, 1), got {rate!r}")
+        self.fusion.score_dropout = float(rate)
+
+    @property
+    def temperature(self) -> float:
+        """The active fusion's softmax temperature (1 without a fusion)."""
+        f = self.fusion
+        return 1.0 if f is None else f.temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        if self.fusion is None:
+            raise ValueError("this block has no active fusion; set_active_fusion first")
+        self.fusion.temperature = value
 
     # ------------------------------------------------------------------ state
     @property
     def n_adapters(self) -> int:
         return len(self.adapter_names)
 
-    @property
-    def temperature(self) -> float:
-        """The current softmax temperature (annealed from 50 to 1 when ``temperature`` is on)."""
-        return self._temperature
-
-    @temperature.setter
-    def temperature(self, value: float) -> None:
-        if not value >= 1.0:
-            raise ValueError(f"temperature must be >= 1, got {value!r}")
-        self._temperature = float(value)
-
     def get_extra_state(self) -> torch.Tensor:
-        # The temperature travels with state_dict (AdapterHub loses it on reload), as a small
-        # float64 tensor [temperature, index of the active adapter or -1] so that every consumer of
-        # state_dict (safetensors, weights_only loads, the TorchScript ONNX exporter) can hold it.
-        active = -1 if self.active_adapter is None else self.adapter_names.index(self.active_adapter)
-        return torch.tensor([self._temperature, float(active)], dtype=torch.float64)
+        # [index of the active adapter or -1, index of the active fusion or -1], float64 so every
+        # consumer of state_dict (safetensors, weights_only loads, the ONNX exporters) can hold it.
+        a = -1 if self.active_adapter is None else self.adapter_names.index(self.active_adapter)
+        f = -1 if self.active_fusion is None else list(self.fusions).index(self.active_fusion)
+        return torch.tensor([float(a), float(f)], dtype=torch.float64)
 
     def set_extra_state(self, state) -> None:
-        temperature, active = (float(v) for v in torch.as_tensor(state).tolist())
-        self._temperature = temperature
-        if self.fusion_config is None and 0 <= int(active) < self.n_adapters:
-            self.active_adapter = self.adapter_names[int(active)]
+        a, f = (int(v) for v in torch.as_tensor(state).reshape(-1)[:2].tolist())
+        if 0 <= f < len(self.fusions):
+            self.set_active_fusion(list(self.fusions)[f])
+        elif 0 <= a < self.n_adapters:
+            self.set_active_adapter(self.adapter_names[a])
 
     @property
     def backend(self) -> str:
         return self._backend
 
     def set_backend(self, name: str) -> "FusedAdapterBlock":
-        """Choose the backend; a named backend that cannot run on this block's device raises now."""
-        name = _check_name(name)
+        """Choose the backend; a named backend that cannot run on this block's device or setup raises now."""
+        name = check_name(name)
         if name != "auto":
             resolve_backend(name, self.down_weight.device, self.spec())
         self._backend = name
         return self
 
-    def resolved_backend(self, device=None) -> str:
-        """The concrete backend the next forward on ``device`` will use."""
-        return resolve_backend(self._backend, device or self.down_weight.device, self.spec())
+    def resolved_backend(self, device=None, dtype=None) -> str:
+        """The concrete backend the next forward on ``device`` (in ``dtype``) will use."""
+        return resolve_backend(self._backend, device or self.down_weight.device, self.spec(), dtype)
 
-    def spec(self) -> LayerSpec:
-        fc = self.fusion_config
+    def site_norm(self) -> Optional[nn.Module]:
+        """The norm AdapterHub hands the adapters at this site: the wrapped LayerNorm, the attached
+        one of a hooked site, or None (a norm-free site)."""
+        if self.wraps_output:
+            return self.LayerNorm
+        return self._site_norm[0] if self._site_norm else None
+
+    def attach_norm(self, norm: Optional[nn.Module]) -> "FusedAdapterBlock":
+        """Give a hooked site (``wrap_output=False``) its norm module (owned by the model, so it is
+        not registered here), or None for a norm-free site."""
+        if self.wraps_output:
+            raise ValueError("attach_norm is for hooked sites; this block wraps an output module's LayerNorm")
+        self._site_norm = () if norm is None else (norm,)
+        return self
+
+    def _fusion_indices(self, fusion: AdapterFusion) -> Optional[List[int]]:
+        """Indices of the fusion's adapters in the block, or None when it mixes all, in block order."""
+        if fusion.adapter_names == self.adapter_names:
+            return None
+        return [self.adapter_names.index(n) for n in fusion.adapter_names]
+
+    def spec(self, fusion: Optional[AdapterFusion] = None) -> LayerSpec:
+        """The static description of the active setup (or of ``fusion``)."""
+        fusion = fusion if fusion is not None else self.fusion
         ac = self.adapter_config
+        norm = self.site_norm()
+        eps = 1e-12 if norm is None else float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-12)))
         common = dict(
-            n_adapters=self.n_adapters, bottleneck=self.bottleneck, hidden=self.hidden_size,
+            bottleneck=self.bottleneck, hidden=self.hidden_size,
             activation=canonical_activation(ac.non_linearity), original_ln_before=ac.original_ln_before,
             original_ln_after=ac.original_ln_after, residual_before_ln=ac.residual_before_ln,
-            ln_eps=self.LayerNorm.eps,
+            ln_eps=eps, layer_norm=norm is not None,
         )
-        if fc is None:
-            return LayerSpec(fusion=False, active=self.adapter_names.index(self.active_adapter),
+        if fusion is None:
+            return LayerSpec(n_adapters=self.n_adapters, fusion=False,
+                             active=self.adapter_names.index(self.active_adapter),
                              adapter_dropout=float(ac.dropout) if self.training else 0.0, **common)
+        fc = fusion.config
         return LayerSpec(
-            fusion=True, query=fc.query, key=fc.key, value=fc.value, query_before_ln=fc.query_before_ln,
-            residual_before=fc.residual_before, score_dropout=self.score_dropout, **common,
+            n_adapters=len(fusion.adapter_names), fusion=True, query=fc.query, key=fc.key, value=fc.value,
+            query_before_ln=fc.query_before_ln, residual_before=fc.residual_before,
+            score_dropout=fusion.score_dropout, **common,
         )
 
-    def params(self) -> FusionParams:
+    def params(self, fusion: Optional[AdapterFusion] = None) -> FusionParams:
+        """The tensors of the active setup (or of ``fusion``): the adapters it mixes (sliced,
+        differentiably, when it mixes a subset), its query/key/value, the site's norm."""
+        fusion = fusion if fusion is not None else self.fusion
+        norm = self.site_norm()
         g = lambda m, a: None if m is None else getattr(m, a)  # noqa: E731
-        return FusionParams(
-            ln_weight=self.LayerNorm.weight, ln_bias=self.LayerNorm.bias,
+        custom = norm is not None and not isinstance(norm, nn.LayerNorm)
+        P = FusionParams(
+            ln_weight=None if norm is None else norm.weight, ln_bias=None if norm is None else norm.bias,
             down_weight=self.down_weight, down_bias=self.down_bias, up_weight=self.up_weight, up_bias=self.up_bias,
-            query_weight=g(getattr(self, "query", None), "weight"), query_bias=g(getattr(self, "query", None), "bias"),
-            key_weight=g(getattr(self, "key", None), "weight"), key_bias=g(getattr(self, "key", None), "bias"),
-            value_weight=g(getattr(self, "value", None), "weight"),
+            norm_module=norm if custom else None,
         )
+        if fusion is None:
+            return P
+        P = P.replace(query_weight=g(fusion.query, "weight"), query_bias=g(fusion.query, "bias"),
+                      key_weight=g(fusion.key, "weight"), key_bias=g(fusion.key, "bias"),
+                      value_weight=g(fusion.value, "weight"))
+        idx = self._fusion_indices(fusion)
+        return P if idx is None else P.select(torch.tensor(idx, device=self.down_weight.device))
 
-    def _fusion_tensors(self) -> List[torch.Tensor]:
-        out = [self.down_weight, self.down_bias, self.up_weight, self.up_bias]
-        for name in ("query", "key", "value"):
-            lin = getattr(self, name, None)
-            if lin is not None:
-                out += [p for p in lin.parameters()]
-        return out
+    def _fold_sources(self, fusion: AdapterFusion) -> List[torch.Tensor]:
+        return [getattr(self, n) for n in _ADAPTER_PARAMS] + list(fusion.parameters())
 
-    def folded_weights(self) -> FoldedWeights:
-        """Inference weights with the frozen products folded; recomputed whenever any source tensor
-        changed through torch (optimizer steps, in-place ops, ``load_state_dict``, reassignment,
-        dtype or device moves: each bumps the tensor's version counter or moves its storage).
+    def folded_weights(self, fusion: Optional[AdapterFusion] = None) -> FoldedWeights:
+        """Inference weights of a fusion (default: the active one) with the frozen products folded;
+        recomputed whenever any source tensor changed through torch (optimizer steps, in-place ops,
+        ``load_state_dict``, reassignment, dtype or device moves: each bumps the tensor's version
+        counter or moves its storage).
 
         Writes through ``param.data`` bypass the version counter: call :meth:`invalidate_folded`
         after such a write (``train()`` / ``eval()`` also invalidate)."""
-        key = tuple((t.data_ptr(), t._version, t.dtype, t.device, t.shape) for t in self._fusion_tensors())
-        if key != self._fold_key or self._folded is None:
-            self._folded = fold_weights(self.params(), self.spec())
-            self._fold_key = key
-        return self._folded
+        fusion = fusion if fusion is not None else self.fusion
+        if fusion is None:
+            raise ValueError("folded weights belong to a fusion; this block runs a single adapter")
+        name = next(k for k, f in self.fusions.items() if f is fusion)
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device, t.shape) for t in self._fold_sources(fusion))
+        hit = self._folded.get(name)
+        if hit is None or hit[0] != key:
+            hit = (key, fold_weights(self.params(fusion), self.spec(fusion)))
+            self._folded[name] = hit
+        return hit[1]
+
+    def cached_folded(self) -> Optional[FoldedWeights]:
+        """The active fusion's folded weights if a no-grad forward has folded them (else None)."""
+        hit = self._folded.get(self.active_fusion) if self.active_fusion is not None else None
+        return None if hit is None else hit[1]
 
     def invalidate_folded(self) -> "FusedAdapterBlock":
         """Drop the folded inference weights; the next no-grad forward folds afresh."""
-        self._fold_key = None
-        self._folded = None
+        self._folded = {}
         return self
 
     def train(self, mode: bool = True) -> "FusedAdapterBlock":
@@ -266,10 +397,10 @@ class FusedAdapterBlock(nn.Module):
     def _check_inputs(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> None:
         if not isinstance(hidden_states, torch.Tensor) or not isinstance(input_tensor, torch.Tensor):
             raise TypeError("FusedAdapterBlock.forward expects two tensors (hidden_states, input_tensor)")
-        if hidden_states.dim() not in (2, 3) or hidden_states.shape[-1] != self.in_features:
+        width = self.in_features if self.wraps_output else self.hidden_size
+        if hidden_states.dim() not in (2, 3) or hidden_states.shape[-1] != width:
             raise ValueError(
-                f"hidden_states must be [batch, seq, {self.in_features}] or [tokens, {self.in_features}], "
-                f"got {tuple(hidden_states.shape)}"
+                f"hidden_states must be [batch, seq, {width}] or [tokens, {width}], got {tuple(hidden_states.shape)}"
             )
         if input_tensor.shape[:-1] != hidden_states.shape[:-1] or input_tensor.shape[-1] != self.hidden_size:
             raise ValueError(
@@ -282,57 +413,64 @@ class FusedAdapterBlock(nn.Module):
                 raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
             if t.device != w.device:
                 raise ValueError(f"{name} is on {t.device} but the block's weights are on {w.device}")
+        if torch.is_autocast_enabled(hidden_states.device.type):
+            return  # autocast mixes dtypes on purpose (a bf16 sub-layer output, a float32 residual)
         if hidden_states.dtype != input_tensor.dtype:
             raise TypeError(f"hidden_states ({hidden_states.dtype}) and input_tensor ({input_tensor.dtype}) dtypes differ")
-        if not torch.is_autocast_enabled(hidden_states.device.type) and hidden_states.dtype != w.dtype:
+        if hidden_states.dtype != w.dtype:
             raise TypeError(
                 f"inputs are {hidden_states.dtype} but the block's weights are {w.dtype}; cast the model "
                 "(model.to(dtype)) or run under torch.autocast"
             )
 
-    def score_dropout_scale(self, tokens: int, device) -> torch.Tensor:
-        """The score-dropout scale [tokens, N] for one training forward: 0 for a dropped score,
+    def score_dropout_scale(self, tokens: int, device, fusion: Optional[AdapterFusion] = None) -> torch.Tensor:
+        """The score-dropout scale [tokens, N] of one training forward: 0 for a dropped score,
         1/(1-p) for a kept one (nn.Dropout's rule). Drawn from torch's RNG, so ``torch.manual_seed``
         reproduces it; every backend, forward and backward, uses this one tensor."""
-        keep = torch.rand(tokens, self.n_adapters, device=device) >= self.score_dropout
-        return keep.to(torch.float32) / (1.0 - self.score_dropout)
+        fusion = fusion if fusion is not None else self.fusion
+        rate = fusion.score_dropout
+        keep = torch.rand(tokens, len(fusion.adapter_names), device=device) >= rate
+        return keep.to(torch.float32) / (1.0 - rate)
 
-    def _needs_grad(self) -> bool:
-        return torch.is_grad_enabled() and any(t.requires_grad for t in self._fusion_tensors())
+    def _needs_grad(self, fusion: AdapterFusion) -> bool:
+        return torch.is_grad_enabled() and any(t.requires_grad for t in self._fold_sources(fusion))
 
     def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
         self._check_inputs(hidden_states, input_tensor)
-        h = self.dropout(self.dense(hidden_states))
+        h = self.dropout(self.dense(hidden_states)) if self.wraps_output else hidden_states
+        return self.adapter_forward(h, input_tensor)
+
+    def adapter_forward(self, h: torch.Tensor, residual_input: torch.Tensor) -> torch.Tensor:
+        """AdapterHub's ``bottleneck_layer_forward(h, residual_input, layer_norm)`` for the active
+        setup, with this site's norm; h, residual_input [..., d] -> [..., d]."""
+        d = self.hidden_size
         lead = h.shape[:-1]
-        h2 = h.reshape(-1, self.hidden_size)
-        x2 = input_tensor.reshape(-1, self.hidden_size)
-        if torch.is_autocast_enabled(h2.device.type):
-            x2 = x2.to(h2.dtype)
-        spec = self.spec()
-        name = resolve_backend(self._backend, h2.device, spec)
-        score_scale = None
-        if spec.fusion and self.training and self.score_dropout > 0:
-            score_scale = self.score_dropout_scale(h2.shape[0], h2.device)
-        folded = None
-        # the fold cache keys on data pointers, which torch.compile cannot trace (fullgraph): compiled
-        # graphs run the unfolded re-associated form and let the compiler plan the GEMMs
-        if (spec.fusion and name != "reference" and not self._needs_grad()
-                and not torch.compiler.is_compiling()):
-            folded = self.folded_weights()
-        ctrl = self.fusion_control if spec.fusion else None
-        layer_fn = get_layer_fn(name) if ctrl is None else ctrl.layer_fn(name)
-        out, probs = layer_fn(h2, x2, self.params(), spec, 1.0 / self._temperature, score_scale, folded)
-        if spec.fusion and self.fusion_config.temperature:
-            self._temperature = max(self._temperature - _T_START / 1000.0, 1.0)
+        h2 = h.reshape(-1, d)
+        x2 = residual_input.reshape(-1, d)
+        fusion = self.fusion
+        spec = self.spec(fusion)
+        backend = REGISTRY[resolve_backend(self._backend, h2.device, spec, h2.dtype)]
+        inv_t, score_scale, prior, folded = 1.0, None, None, None
+        if fusion is not None:
+            inv_t = 1.0 / fusion.begin_forward()
+            if self.training and fusion.score_dropout > 0:
+                score_scale = self.score_dropout_scale(h2.shape[0], h2.device)
+            if self.fusion_control is not None:
+                prior, inv_t = self.fusion_control.row_inputs(spec.n_adapters, inv_t, h2.device, h2.dtype)
+            # the fold cache keys on data pointers, which torch.compile cannot trace (fullgraph):
+            # compiled graphs run the unfolded layer and let the compiler plan the GEMMs
+            if backend.folds and not self._needs_grad(fusion) and not torch.compiler.is_compiling():
+                folded = self.folded_weights(fusion)
+        out, probs = backend.layer(h2, x2, self.params(fusion), spec, inv_t, score_scale, folded, prior)
         if self.record_fusion_weights and probs is not None:
             self.fusion_weights = probs.detach().reshape(*lead, spec.n_adapters)
-        return out.reshape(*lead, self.hidden_size)
+        return out.reshape(*lead, d)
 
     def extra_repr(self) -> str:
-        fc = "none" if self.fusion_config is None else ("dynamic" if self.fusion_config.value else "static")
+        setup = f"fusion={self.active_fusion!r}" if self.fusion is not None else f"adapter={self.active_adapter!r}"
         return (
             f"in_features={self.in_features}, hidden={self.hidden_size}, adapters={self.adapter_names}, "
-            f"bottleneck={self.bottleneck}, activation={self.adapter_config.non_linearity}, fusion={fc}, "
+            f"bottleneck={self.bottleneck}, activation={self.adapter_config.non_linearity}, {setup}, "
             f"backend={self._backend}"
         )
 
@@ -340,7 +478,7 @@ class FusedAdapterBlock(nn.Module):
     @classmethod
     def from_output_module(cls, module: nn.Module, adapter_names: Sequence[str], adapter_config=None,
                            fusion_config=None, attention_probs_dropout_prob: float = 0.1, backend: str = "auto",
-                           layer_idx: Optional[int] = None) -> "FusedAdapterBlock":
+                           layer_idx: Optional[int] = None, fusion_name: Optional[str] = None) -> "FusedAdapterBlock":
         """Build a block around an existing ``BertOutput``-like module (``dense``, ``LayerNorm``,
         ``dropout``), sharing its dense and LayerNorm parameters."""
         for attr in ("dense", "LayerNorm", "dropout"):
@@ -352,7 +490,7 @@ class FusedAdapterBlock(nn.Module):
             hidden_size=dense.out_features, adapter_names=adapter_names, adapter_config=adapter_config,
             fusion_config=fusion_config, in_features=dense.in_features, layer_norm_eps=ln.eps,
             attention_probs_dropout_prob=attention_probs_dropout_prob, backend=backend, layer_idx=layer_idx,
-            device=w.device, dtype=w.dtype,
+            device=w.device, dtype=w.dtype, fusion_name=fusion_name,
         )
         block.dense = dense
         block.LayerNorm = ln
@@ -392,3 +530,57 @@ class FusedAdapterBlock(nn.Module):
         for p in (self.down_weight, self.down_bias, self.up_weight, self.up_bias):
             p.requires_grad_(not freeze)
         return self
+
+    @torch.no_grad()
+    def select_adapters(self, names: Sequence[str]) -> "FusedAdapterBlock":
+        """A new block holding only the adapters ``names`` (in that order) and its fusions over them.
+
+        The one way afkern takes a subset of adapters (``afkern.select_adapters``,
+        ``afkern.drop_adapters``, pruning). The stacked ``[N, ...]`` adapter parameters are copied
+        (``requires_grad`` kept); the wrapped dense / LayerNorm / dropout (or the site's norm) are
+        shared with this block. Each fusion keeps the adapters it had that remain (its softmax then
+        runs over those only: the output of the trained fusion with the others zeroed, see
+        ``afkern.zero_adapters``), with its query / key / value, temperature and score dropout
+        copied; a fusion left with none is dropped. Raises ValueError, changing nothing, if the
+        active setup would lose everything: the active single adapter, or every adapter of the
+        active fusion.
+        """
+        names = check_adapter_names(names)
+        unknown = [n for n in names if n not in self.adapter_names]
+        if unknown:
+            raise ValueError(f"unknown adapters {unknown}; the block has {self.adapter_names}")
+        if self.active_adapter is not None and self.active_adapter not in names:
+            raise ValueError(f"the active adapter {self.active_adapter!r} would be removed; keep it or "
+                             "set_active_adapter to one of the kept adapters first")
+        kept_fusions = {k: [n for n in f.adapter_names if n in names] for k, f in self.fusions.items()}
+        if self.active_fusion is not None and not kept_fusions[self.active_fusion]:
+            raise ValueError(f"the active fusion {self.active_fusion!r} would be left with no adapter")
+        w = self.down_weight
+        new = FusedAdapterBlock(
+            hidden_size=self.hidden_size, adapter_names=names, adapter_config=self.adapter_config,
+            fusion_config=False, in_features=self.in_features, backend=self._backend, layer_idx=self.layer_idx,
+            attention_probs_dropout_prob=self.attention_probs_dropout_prob, device=w.device, dtype=w.dtype,
+            wrap_output=self.wraps_output,
+        )
+        if self.wraps_output:
+            new.dense, new.LayerNorm, new.dropout = self.dense, self.LayerNorm, self.dropout
+        new._site_norm = self._site_norm
+        ix = torch.tensor([self.adapter_names.index(n) for n in names], device=w.device)
+        for pname in _ADAPTER_PARAMS:
+            src = getattr(self, pname)
+            getattr(new, pname).copy_(src.index_select(0, ix))
+            getattr(new, pname).requires_grad_(src.requires_grad)
+        for k, f in self.fusions.items():
+            if not kept_fusions[k]:
+                continue
+            nf = new.add_fusion(k, kept_fusions[k], f.config, score_dropout=f.score_dropout)
+            nf.load_state_dict(f.state_dict())
+            for p_src, p_dst in zip(f.parameters(), nf.parameters()):
+                p_dst.requires_grad_(p_src.requires_grad)
+        if self.active_fusion is not None:
+            new.set_active_fusion(self.active_fusion)
+        else:
+            new.set_active_adapter(self.active_adapter)
+        new.record_fusion_weights = self.record_fusion_weights
+        new.train(self.training)
+        return new

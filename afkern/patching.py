@@ -8,16 +8,16 @@ module (``layer.output``: BertOutput, ...), both ``dense -> dropout -> LayerNorm
 
 from __future__ import annotations
 
-from typing import Dict, Iterator, List, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
-import torch
 import torch.nn as nn
 
-from .backends import _check_name, resolve_backend
-from .block import FusedAdapterBlock
+from .backends import check_name
+from .block import FusedAdapterBlock, check_adapter_names
 from .config import FusionConfig, load_adapter_config
+from .model import fused_blocks, install
 
-__all__ = ["patch_bert", "fused_blocks", "set_backend", "fusion_regularization_loss", "encoder_layers", "output_sites"]
+__all__ = ["patch_model", "patch_bert", "encoder_layers", "output_sites"]
 
 
 def encoder_layers(model: nn.Module) -> List[nn.Module]:
@@ -50,19 +50,12 @@ def output_sites(layer: nn.Module) -> Dict[str, Tuple[nn.Module, str]]:
     return sites
 
 
-def fused_blocks(model: nn.Module) -> Iterator[Tuple[str, FusedAdapterBlock]]:
-    """(qualified name, block) for every FusedAdapterBlock in ``model``."""
-    for name, m in model.named_modules():
-        if isinstance(m, FusedAdapterBlock):
-            yield name, m
-
-
 def _model_dropout(model) -> float:
     cfg = getattr(model, "config", None)
     return float(getattr(cfg, "attention_probs_dropout_prob", 0.0) or 0.0)
 
 
-def patch_bert(
+def patch_model(
     model: nn.Module,
     adapter_names: Sequence[str],
     adapter_config=None,
@@ -78,18 +71,13 @@ def patch_bert(
     :func:`afkern.train`).
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"patch_bert expects a torch.nn.Module (a transformers model), got {type(model).__name__}")
-    names = list(adapter_names) if adapter_names is not None else []
-    if not names:
-        raise ValueError("patch_bert needs at least one adapter name, got none")
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise ValueError(f"duplicate adapter names {dup} in {names}")
-    _check_name(backend)
+        raise TypeError(f"patch_model expects a torch.nn.Module (a transformers model), got {type(model).__name__}")
+    names = check_adapter_names(adapter_names)
+    check_name(backend)
     acfg = load_adapter_config(adapter_config)
     fcfg = False if fusion_config is False else FusionConfig.load(fusion_config)
     layers = encoder_layers(model)
-    if any(isinstance(m, FusedAdapterBlock) for m in model.modules()):
+    if next(fused_blocks(model), None) is not None:
         raise ValueError("model already has FusedAdapterBlocks; patch a fresh model (or use load_adapterhub)")
     plan = []
     for i, layer in enumerate(layers):
@@ -114,51 +102,9 @@ def patch_bert(
         )
         block.train(model.training)
         new.append((parent, attr, block))
-    for parent, attr, block in new:  # nothing is changed until every block was built
-        setattr(parent, attr, block)
+    install(new)  # nothing is changed until every block was built
     return model
 
 
-def set_backend(model_or_block: nn.Module, name: str) -> nn.Module:
-    """Set the backend of a block or of every block in a model; raises if ``name`` cannot run there."""
-    _check_name(name)
-    blocks = [model_or_block] if isinstance(model_or_block, FusedAdapterBlock) else [b for _, b in fused_blocks(model_or_block)]
-    if not blocks:
-        raise ValueError(f"{type(model_or_block).__name__} has no FusedAdapterBlock; patch it first (afkern.patch_bert)")
-    if name != "auto":  # validate every block first, then set
-        for b in blocks:
-            resolve_backend(name, b.down_weight.device, b.spec())
-    for b in blocks:
-        b._backend = name
-    return model_or_block
-
-
-def fusion_regularization_loss(model: nn.Module) -> torch.Tensor:
-    """AdapterHub's value regularisation: ``sum over blocks of 0.01 * ||I - Wv||_F^2`` for every
-    block whose value matrix is trainable (as ``get_fusion_regularization_loss``); 0 if none."""
-    total = None
-    for _, b in fused_blocks(model):
-        v = getattr(b, "value", None)
-        if v is not None and v.weight.requires_grad:
-            eye = torch.eye(b.hidden_size, device=v.weight.device, dtype=v.weight.dtype)
-            term = 0.01 * (eye - v.weight).pow(2).sum()
-            total = term if total is None else total + term
-    if total is None:
-        p = next(model.parameters(), None)
-        return torch.zeros((), device=p.device if p is not None else "cpu")
-    return total
-
-
-def set_active_adapter(model: nn.Module, name: str) -> nn.Module:
-    """In models patched with ``fusion_config=False``, choose the one active adapter."""
-    blocks = [b for _, b in fused_blocks(model)]
-    if not blocks:
-        raise ValueError("model has no FusedAdapterBlock")
-    for b in blocks:
-        if b.fusion_config is not None:
-            raise ValueError("set_active_adapter applies to blocks without fusion; this model has a fusion")
-        if name not in b.adapter_names:
-            raise ValueError(f"unknown adapter {name!r}; the model has {b.adapter_names}")
-    for b in blocks:
-        b.active_adapter = name
-    return model
+#: The function's first name, kept for code written against afkern 0.1.
+patch_bert = patch_model

@@ -12,9 +12,6 @@
 
 namespace afkern {
 
-// Largest adapter count the row-op kernels accept: warp 0 holds two adapters per lane.
-constexpr int kMaxAdapters = 64;
-
 // ---- float32 math whatever the storage dtype ----------------------------------------------
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
@@ -94,12 +91,11 @@ __device__ __forceinline__ float2 block_sum2(float a, float b, float* scratch) {
   return make_float2(warp_sum(a), warp_sum(b));
 }
 
-// ---- activations: codes of afkern.activations.KERNEL_ACTIVATIONS -------------------------
+// ---- activations: codes of afkern.ops.limits.KERNEL_ACTIVATIONS -------------------------
 enum Act : int {
   kLinear = 0, kRelu = 1, kGelu = 2, kGeluTanh = 3, kSilu = 4,
   kTanh = 5, kSigmoid = 6, kLeakyRelu = 7, kQuickGelu = 8,
 };
-constexpr int kNumActs = 9;
 
 constexpr float kSqrt1_2 = 0.70710678118654752f;
 constexpr float kInvSqrt2Pi = 0.39894228040143268f;

@@ -11,12 +11,20 @@ namespace afkern {
 
 enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
+// Kernel limits; afkern/ops/limits.py is their Python source and tests/test_limits.py checks
+// that these agree with it.
+constexpr int kMaxAdapters = 64;    // MAX_ADAPTERS: warp 0 of the row-op kernels holds two adapters per lane
+constexpr int kNumActs = 9;         // len(KERNEL_ACTIVATIONS): activation codes 0 .. kNumActs - 1
+constexpr int kMaxLnWidth = 16384;  // MAX_LN_WIDTH: LayerNorm backward keeps 2 d float32 partials in shared memory
+
 // Row op forward. Z, A: [T, W] with row strides z_stride, a_stride (elements, unit column
 // stride); sb: [T, N] (Z's dtype) or nullptr; ss: [T, N] float32 score-dropout scale or nullptr;
+// pr: [T, N] float32 prior added after the temperature (row stride 0: one row for all) or nullptr;
 // Y: [T, W] contiguous out; P: [T, N] float32 contiguous out. W = N r, 1 <= N <= 64.
 cudaError_t launch_rowop_fwd(DType dt, const void* Z, int64_t z_stride, const void* A, int64_t a_stride,
-                             const void* sb, int64_t sb_stride, const float* ss, int64_t ss_stride, void* Y,
-                             float* P, int64_t T, int W, int N, int act, float inv_temp, cudaStream_t stream);
+                             const void* sb, int64_t sb_stride, const float* ss, int64_t ss_stride, const float* pr,
+                             int64_t pr_stride, void* Y, float* P, int64_t T, int W, int N, int act, float inv_temp,
+                             cudaStream_t stream);
 
 // Row op backward. dY: [T, W] (Z's dtype), dp: [T, N] float32 or nullptr, P: forward's [T, N];
 // outputs dZ, dA: [T, W] contiguous (Z's dtype), dsb: [T, N] float32 contiguous.

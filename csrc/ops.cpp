@@ -2,7 +2,7 @@
 // registration as the CUDA implementations of the afkern:: custom ops.
 //
 // The schemas, the fake (meta) implementations, the CPU reference implementations and the
-// autograd formulas live in Python (afkern/_cuda.py), so they exist and are testable without
+// autograd formulas live in Python (afkern/backends/cuda_ops.py), so they exist and are testable without
 // this library; loading it only adds the CUDA dispatch key. The dispatcher accepts an impl
 // before or after its def, so import order does not matter.
 
@@ -23,10 +23,6 @@
 
 namespace afkern {
 namespace {
-
-constexpr int64_t kMaxAdapters = 64;  // warp 0 of the row-op kernels holds two adapters per lane
-constexpr int64_t kNumActs = 9;       // afkern.activations.KERNEL_ACTIVATIONS
-constexpr int64_t kMaxLnWidth = 16384;  // LayerNorm backward keeps 2 d float32 partials in shared memory
 
 DType kernel_dtype(const at::Tensor& t, const char* op, const char* name) {
   switch (t.scalar_type()) {
@@ -80,7 +76,7 @@ DType check_rowop_common(const char* op, const at::Tensor& Z, const at::Tensor& 
   TORCH_CHECK(Z.size(1) <= (int64_t{1} << 30), op, ": row width ", Z.size(1), " too large");
   TORCH_CHECK(Z.size(0) < (int64_t{1} << 31), op, ": too many rows (", Z.size(0), ")");
   TORCH_CHECK(activation >= 0 && activation < kNumActs, op, ": expected an activation code in [0, ", kNumActs,
-              ") (afkern.activations.KERNEL_ACTIVATIONS), got ", activation);
+              ") (afkern.ops.limits.KERNEL_ACTIVATIONS), got ", activation);
   check_rows(Z, op, "Z", Z.size(0), Z.size(1), Z.device());
   check_rows(A, op, "A", Z.size(0), Z.size(1), Z.device());
   return dt;
@@ -89,11 +85,12 @@ DType check_rowop_common(const char* op, const at::Tensor& Z, const at::Tensor& 
 const float* fptr(const std::optional<at::Tensor>& t) { return t ? t->data_ptr<float>() : nullptr; }
 int64_t fstride(const std::optional<at::Tensor>& t) { return t ? row_stride(*t) : 0; }
 
-// afkern::rowop_fwd(Tensor Z, Tensor A, Tensor? sb, Tensor? score_scale, int n_adapters,
+// afkern::rowop_fwd(Tensor Z, Tensor A, Tensor? sb, Tensor? score_scale, Tensor? prior, int n_adapters,
 //                   int activation, float inv_temperature) -> (Tensor Y, Tensor p)
 std::tuple<at::Tensor, at::Tensor> rowop_fwd_cuda(const at::Tensor& Z, const at::Tensor& A,
                                                   const std::optional<at::Tensor>& sb,
-                                                  const std::optional<at::Tensor>& score_scale, int64_t n_adapters,
+                                                  const std::optional<at::Tensor>& score_scale,
+                                                  const std::optional<at::Tensor>& prior, int64_t n_adapters,
                                                   int64_t activation, double inv_temperature) {
   const char* op = "afkern::rowop_fwd";
   const DType dt = check_rowop_common(op, Z, A, n_adapters, activation);
@@ -103,12 +100,14 @@ std::tuple<at::Tensor, at::Tensor> rowop_fwd_cuda(const at::Tensor& Z, const at:
     check_rows(*sb, op, "sb", T, N, Z.device());
   }
   check_float32_rows(score_scale, op, "score_scale", T, N, Z.device());
+  check_float32_rows(prior, op, "prior", T, N, Z.device());
   c10::cuda::CUDAGuard guard(Z.device());
   at::Tensor Y = at::empty({T, W}, Z.options());
   at::Tensor P = at::empty({T, N}, Z.options().dtype(at::kFloat));
   C10_CUDA_CHECK(launch_rowop_fwd(dt, Z.data_ptr(), row_stride(Z), A.data_ptr(), row_stride(A),
                                   sb ? sb->data_ptr() : nullptr, sb ? row_stride(*sb) : 0, fptr(score_scale),
-                                  fstride(score_scale), Y.data_ptr(), P.data_ptr<float>(), T, static_cast<int>(W),
+                                  fstride(score_scale), fptr(prior), fstride(prior), Y.data_ptr(),
+                                  P.data_ptr<float>(), T, static_cast<int>(W),
                                   static_cast<int>(N), static_cast<int>(activation),
                                   static_cast<float>(inv_temperature), c10::cuda::getCurrentCUDAStream()));
   return {Y, P};

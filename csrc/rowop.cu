@@ -3,7 +3,8 @@
 // Per token t, adapters n = 1..N, bottleneck r, W = N r, G_n = act(Z_n):
 //
 //   forward   s_n  = sum_r A_nr G_nr + sb_n              (score against the pulled-back query)
-//             p    = softmax(s * M * inv_temperature)    (M: score-dropout scale, 1 if absent)
+//             p    = softmax(s * M * inv_temperature + b)  (M: score-dropout scale, 1 if absent;
+//                                                           b: the prior of controls / routing)
 //             Y_n  = p_n G_n
 //   backward  g_n  = sum_r dY_nr G_nr + dp_n
 //             ds_n = p_n (g_n - sum_m p_m g_m) inv_temperature M_n       (== dsb_n)
@@ -52,6 +53,7 @@ __global__ void rowop_fwd_kernel(
     const T* __restrict__ A, int64_t a_stride,          // [T, W] q' Wu_cat^T, row stride
     const T* __restrict__ sb, int64_t sb_stride,        // [T, N] q' . bu, or nullptr
     const float* __restrict__ ss, int64_t ss_stride,    // [T, N] score-dropout scale, or nullptr
+    const float* __restrict__ pr, int64_t pr_stride,    // [T, N] prior (row stride 0: one row), or nullptr
     T* __restrict__ Y,                                  // [T, W] out, contiguous
     float* __restrict__ P,                              // [T, N] out (float32), contiguous
     int W, int N, int r, int act, float inv_temp) {
@@ -83,6 +85,7 @@ __global__ void rowop_fwd_kernel(
         if (sb) s += to_float(sb[t * sb_stride + n]);
         if (ss) s *= ss[t * ss_stride + n];
         v[k] = s * inv_temp;
+        if (pr) v[k] += pr[t * pr_stride + n];
       } else {
         v[k] = -INFINITY;
       }
@@ -209,15 +212,16 @@ __global__ void rowop_bwd_kernel(
 }  // namespace
 
 cudaError_t launch_rowop_fwd(DType dt, const void* Z, int64_t z_stride, const void* A, int64_t a_stride,
-                             const void* sb, int64_t sb_stride, const float* ss, int64_t ss_stride, void* Y,
-                             float* P, int64_t T, int W, int N, int act, float inv_temp, cudaStream_t stream) {
+                             const void* sb, int64_t sb_stride, const float* ss, int64_t ss_stride, const float* pr,
+                             int64_t pr_stride, void* Y, float* P, int64_t T, int W, int N, int act, float inv_temp,
+                             cudaStream_t stream) {
   if (T == 0) return cudaSuccess;
   dispatch_dtype(dt, [&](auto tag) {
     using Tt = decltype(tag);
     const int threads = threads_for(W, Vec<Tt>::kN, 256);
     rowop_fwd_kernel<Tt><<<static_cast<unsigned>(T), threads, 0, stream>>>(
         static_cast<const Tt*>(Z), z_stride, static_cast<const Tt*>(A), a_stride, static_cast<const Tt*>(sb),
-        sb_stride, ss, ss_stride, static_cast<Tt*>(Y), P, W, N, W / N, act, inv_temp);
+        sb_stride, ss, ss_stride, pr, pr_stride, static_cast<Tt*>(Y), P, W, N, W / N, act, inv_temp);
   });
   return cudaGetLastError();
 }

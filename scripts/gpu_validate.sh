@@ -25,7 +25,7 @@ $PY -c "import torch, triton, transformers; print('torch', torch.__version__, 'c
 
 echo "== 1. build the CUDA extension"
 if AFKERN_FORCE_CUDA_BUILD=1 MAX_JOBS=8 $PY -m pip install --no-deps --no-build-isolation -e . > "$RESULTS/build.log" 2>&1; then
-    $PY -c "import afkern._cuda as c; print('extension:', c.extension_status())" | tee -a "$RESULTS/build.log"
+    $PY -c "import afkern.backends.cuda_ops as c; print('extension:', c.extension_status())" | tee -a "$RESULTS/build.log"
 else
     echo "build FAILED (see build.log)"; tail -30 "$RESULTS/build.log"; status=1
 fi

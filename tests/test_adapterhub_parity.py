@@ -76,7 +76,7 @@ def test_fusion_parameter_gradients_match_adapters(tiny_bert_config):
         blk = fused.encoder.layer[i].output
         for nm in ("query.weight", "query.bias", "key.weight", "value.weight"):
             ref = dict(fl.named_parameters())[nm].grad
-            got = dict(blk.named_parameters())[nm].grad
+            got = dict(blk.fusion.named_parameters())[nm].grad
             assert rel_err(got, ref) < 1e-5, (i, nm)
         ad = hub.encoder.layer[i].output.adapters
         for n, name in enumerate(names):

@@ -45,7 +45,7 @@ def test_block_gradients_match_reference_backend():
         grads[name] = {"hs": hs.grad.clone(), "it": it.grad.clone()}
         grads[name].update({k: p.grad.clone() for k, p in b.named_parameters() if p.grad is not None})
     for k, v in grads["reference"].items():
-        if k == "key.bias":  # cancels in the softmax: zero on the reference path, absent on the fast one
+        if k.endswith("key.bias"):  # cancels in the softmax: zero on the reference path, absent on the fast one
             assert v.abs().max() < 1e-5 and k not in grads["torch"]
             continue
         assert rel_err(grads["torch"][k], v) < 1e-5, k
@@ -56,11 +56,11 @@ def test_fold_cache_is_never_stale():
     hs, it = torch.randn(9, 72), torch.randn(9, 40)
     with torch.no_grad():
         y0 = b(hs, it)
-        f0 = b._folded
-        assert b(hs, it).equal(y0) and b._folded is f0  # cached
+        f0 = b.cached_folded()
+        assert b(hs, it).equal(y0) and b.cached_folded() is f0  # cached
         b.value.weight.mul_(1.1)  # in-place change: version bump
         y1 = b(hs, it)
-        assert b._folded is not f0 and not torch.allclose(y1, y0)
+        assert b.cached_folded() is not f0 and not torch.allclose(y1, y0)
         b.set_backend("reference")
         assert rel_err(y1, b(hs, it)) < 1e-6
         b.set_backend("torch")
@@ -74,10 +74,10 @@ def test_fold_used_in_eval_only_when_no_grad_needed():
     b = _block().eval()
     hs, it = torch.randn(4, 72), torch.randn(4, 40)
     y = b(hs, it)  # grad enabled, params require grad -> unfolded, differentiable
-    assert y.requires_grad and b._folded is None
+    assert y.requires_grad and b.cached_folded() is None
     with torch.no_grad():
         b(hs, it)
-    assert b._folded is not None
+    assert b.cached_folded() is not None
 
 
 def test_temperature_anneals_like_adapterhub_and_travels_in_state_dict():
@@ -348,7 +348,7 @@ def test_autocast_inference_uses_folded_weights_and_training_works():
         ref = b(hs, it)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y = b(hs, it)
-    assert b._folded is not None and y.dtype == torch.bfloat16
+    assert b.cached_folded() is not None and y.dtype == torch.bfloat16
     assert rel_err(y.float(), ref) < 2e-2
     b.train()
     b.dropout.p = 0.0

@@ -1,4 +1,4 @@
-"""The CUDA backend's custom ops (afkern/_cuda.py, csrc/) against float64 references.
+"""The CUDA backend's custom ops (afkern/backends/cuda_ops.py, csrc/) against float64 references.
 
 The ops ``torch.ops.afkern.{rowop_fwd, rowop_bwd, add_layernorm_fwd, add_layernorm_bwd}`` are
 defined in Python with a fake (meta) implementation, autograd, and a CPU reference kernel, so
@@ -19,9 +19,12 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import afkern
-from afkern import _cuda
+from afkern.backends import cuda_ops as _cuda
 from afkern.activations import KERNEL_ACTIVATIONS, activation_fn
-from afkern.ops.fusion import fold_weights, fusion_layer_torch, rowop_autograd_torch
+from afkern.backends.torch_ops import layer as fusion_layer_torch
+from afkern.ops.fold import fold_weights
+from afkern.ops.layer import fusion_layer
+from afkern.ops.rowop import rowop_torch as rowop_autograd_torch
 from afkern.ops.reference import fusion_layer_reference
 
 from conftest import make_params, make_spec
@@ -33,7 +36,7 @@ gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device and the built 
 
 OPS = ("rowop_fwd", "rowop_bwd", "add_layernorm_fwd", "add_layernorm_bwd")
 SCHEMAS = {
-    "rowop_fwd": "afkern::rowop_fwd(Tensor Z, Tensor A, Tensor? sb, Tensor? score_scale, int n_adapters, "
+    "rowop_fwd": "afkern::rowop_fwd(Tensor Z, Tensor A, Tensor? sb, Tensor? score_scale, Tensor? prior, int n_adapters, "
     "int activation, float inv_temperature) -> (Tensor, Tensor)",
     "rowop_bwd": "afkern::rowop_bwd(Tensor dY, Tensor? dp, Tensor Z, Tensor A, Tensor p, Tensor? score_scale, "
     "int n_adapters, int activation, float inv_temperature) -> (Tensor, Tensor, Tensor)",
@@ -86,10 +89,10 @@ def test_backend_cuda_raises_clearly_without_gpu_tensors():
     P = make_params(N, r, d, dtype=torch.float32)
     h = torch.randn(4, d)
     with pytest.raises(RuntimeError, match="backend 'cuda'"):
-        _cuda.fusion_layer_cuda(h, h, P, make_spec(N, r, d))
+        _cuda.layer(h, h, P, make_spec(N, r, d))
     if not EXT_OK:
         with pytest.raises(RuntimeError, match="not built"):
-            _cuda.fusion_layer_cuda(h, h, P, make_spec(N, r, d))
+            _cuda.layer(h, h, P, make_spec(N, r, d))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -101,7 +104,7 @@ def test_fakes_shapes_and_dtypes(T, N, r, dtype):
         A = torch.empty(T, N * r, dtype=dtype)
         sb = torch.empty(T, N, dtype=dtype)
         ss = torch.empty(T, N, dtype=torch.float32)
-        Y, p = ops.rowop_fwd(Z, A, sb, ss, N, 1, 1.0)
+        Y, p = ops.rowop_fwd(Z, A, sb, ss, ss, N, 1, 1.0)
         assert (Y.shape, Y.dtype, p.shape, p.dtype) == ((T, N * r), dtype, (T, N), torch.float32)
         dZ, dA, dsb = ops.rowop_bwd(Z, p, Z, A, p, None, N, 1, 1.0)
         assert (dZ.shape, dZ.dtype, dA.dtype, dsb.shape, dsb.dtype) == ((T, N * r), dtype, dtype, (T, N), torch.float32)
@@ -113,7 +116,7 @@ def test_fakes_shapes_and_dtypes(T, N, r, dtype):
         assert (dx.shape, dx.dtype, dw.shape, dw.dtype, db.shape) == ((T, d), dtype, (d,), dtype, (d,))
     # meta tensors take the same implementation
     Ym, pm = ops.rowop_fwd(torch.empty(T, N * r, dtype=dtype, device="meta"),
-                           torch.empty(T, N * r, dtype=dtype, device="meta"), None, None, N, 0, 0.5)
+                           torch.empty(T, N * r, dtype=dtype, device="meta"), None, None, None, N, 0, 0.5)
     assert Ym.device.type == "meta" and Ym.shape == (T, N * r) and pm.dtype == torch.float32
 
 
@@ -134,7 +137,7 @@ def test_fake_rejects_bad_inputs(bad, match):
         sb = torch.empty(*bad.get("sb", (7, N)))
         ss = torch.empty(7, N, dtype=bad.get("ss_dtype", torch.float32))
         with pytest.raises(ValueError, match=match):
-            torch.ops.afkern.rowop_fwd(Z, A, sb, ss, N, bad.get("act", 1), 1.0)
+            torch.ops.afkern.rowop_fwd(Z, A, sb, ss, None, N, bad.get("act", 1), 1.0)
 
 
 def test_ln_fake_rejects_bad_inputs():
@@ -165,9 +168,10 @@ def _rowop_args(T, N, r, dtype, device, sb=True, ss=False, grad=False):
 def test_opcheck(device, dtype, sb, ss):
     T, N, r = 5, 3, 4
     Z, A, sbt, sst = _rowop_args(T, N, r, dtype, device, sb=sb, ss=ss, grad=True)
-    torch.library.opcheck(torch.ops.afkern.rowop_fwd.default, (Z, A, sbt, sst, N, 2, 0.5))
+    prior = torch.randn(T, N, device=device) if ss else None
+    torch.library.opcheck(torch.ops.afkern.rowop_fwd.default, (Z, A, sbt, sst, prior, N, 2, 0.5))
     with torch.no_grad():
-        Y, p = torch.ops.afkern.rowop_fwd(Z, A, sbt, sst, N, 2, 0.5)
+        Y, p = torch.ops.afkern.rowop_fwd(Z, A, sbt, sst, prior, N, 2, 0.5)
     dY, dp = torch.randn_like(Y), torch.randn_like(p)
     torch.library.opcheck(torch.ops.afkern.rowop_bwd.default, (dY, dp, Z.detach(), A.detach(), p, sst, N, 2, 0.5))
     d = 24
@@ -334,7 +338,9 @@ def test_add_layer_norm_wide_rows_large_smem():
 
 
 def _layer_fn(device):
-    return _cuda.fusion_layer_cuda if device == "cuda" else _cuda._fusion_layer_ops
+    if device == "cuda":
+        return _cuda.layer
+    return lambda h, x, P, spec, *a: fusion_layer(h, x, P, spec, _cuda.PRIMITIVES, *a)
 
 
 def _leaf_params(P, cast):
@@ -400,10 +406,10 @@ def test_cuda_entry_point_errors():
     ops = torch.ops.afkern
     Z = torch.randn(4, 6, device="cuda", dtype=torch.float64)
     with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
-        ops.rowop_fwd(Z, Z, None, None, 2, 1, 1.0)
+        ops.rowop_fwd(Z, Z, None, None, None, 2, 1, 1.0)
     Zt = torch.randn(6, 4, device="cuda").t()
     with pytest.raises(RuntimeError, match="unit stride"):
-        ops.rowop_fwd(Zt, Zt, None, None, 2, 1, 1.0)
+        ops.rowop_fwd(Zt, Zt, None, None, None, 2, 1, 1.0)
     x = torch.randn(4, 8, device="cuda")
     with pytest.raises(RuntimeError, match="on cpu|on the device|device"):
         ops.add_layernorm_fwd(x, x, torch.ones(8), torch.zeros(8, device="cuda"), 1e-5)

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from afkern.activations import KERNEL_ACTIVATIONS, activation_fn, activation_grad
-from afkern.ops.fusion import fold_weights, fusion_layer_torch, rowop_autograd_torch
+from afkern.backends.torch_ops import layer as fusion_layer_torch
+from afkern.ops.fold import fold_weights
+from afkern.ops.rowop import rowop_torch as rowop_autograd_torch
 from afkern.ops.params import FusionParams
 from afkern.ops.reference import fusion_layer_reference
 from afkern.ops.rowop import rowop_backward, rowop_forward

@@ -1,4 +1,4 @@
-"""Compile every Triton kernel of afkern.kernels.fusion for sm_80 and sm_90 without a GPU.
+"""Compile every Triton kernel of afkern.kernels (kernels/) for sm_80 and sm_90 without a GPU.
 
 ``triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32))``
 runs the whole pipeline (TTIR -> TTGIR -> LLVM -> PTX -> cubin with Triton's bundled ptxas), so
@@ -37,9 +37,12 @@ ARCHS = (80, 90)
 
 
 def _kernels():
-    from afkern.kernels import fusion as K
+    """One namespace over the kernel modules (kernels/fusion_core.py, rowop.py, add_norm.py)."""
+    import types
 
-    return K
+    from afkern.kernels import add_norm, fusion_core, rowop
+
+    return types.SimpleNamespace(**{k: v for m in (add_norm, rowop, fusion_core) for k, v in vars(m).items()})
 
 
 def _raw(kernel):
@@ -137,16 +140,18 @@ def launches(arch: int):
             out.append((f"mix {dt} {cfg.kwargs}", K._fusion_mix_kernel_impl, args, cfg.num_warps, cfg.num_stages, True))
     BN = triton.next_power_of_2(N)
     out.append(("softmax", K._fusion_softmax_kernel, dict(
-        S=_p("fp32"), M=_p("fp32"), P=_p("fp32"), T=_i(T), NADP=_i(N), stride_s=_i(N), stride_m=_i(N), stride_p=_i(N),
-        inv_temperature=("fp32", 0.5), HAS_M=True, BLOCK_T=max(1, min(128, 4096 // BN)), BLOCK_N=BN), 4, 1, False))
+        S=_p("fp32"), M=_p("fp32"), B=_p("fp32"), P=_p("fp32"), T=_i(T), NADP=_i(N), stride_s=_i(N), stride_m=_i(N),
+        stride_b=_i(0), stride_p=_i(N), inv_temperature=("fp32", 0.5), HAS_M=True, HAS_B=True,
+        BLOCK_T=max(1, min(128, 4096 // BN)), BLOCK_N=BN), 4, 1, False))
     for rr, nn in ((48, 16), (384, 2)):
         BT, BR, BNr, nw = K.rowop_blocks(rr, nn)
         common = dict(T=_i(T), R=_i(rr), NADP=_i(nn), inv_temperature=("fp32", 1.0), ACT=3, HAS_M=True,
                       BLOCK_T=BT, BLOCK_R=BR, BLOCK_N=BNr)
         w = nn * rr
         out.append((f"rowop_fwd r={rr} N={nn}", K._rowop_fwd_kernel, dict(
-            Z=_p("bf16"), A=_p("bf16"), SB=_p("bf16"), M=_p("fp32"), Y=_p("bf16"), P=_p("fp32"), stride_z=_i(w),
-            stride_a=_i(w), stride_sb=_i(nn), stride_m=_i(nn), stride_y=_i(w), stride_p=_i(nn), HAS_SB=True, **common),
+            Z=_p("bf16"), A=_p("bf16"), SB=_p("bf16"), M=_p("fp32"), B=_p("fp32"), Y=_p("bf16"), P=_p("fp32"),
+            stride_z=_i(w), stride_a=_i(w), stride_sb=_i(nn), stride_m=_i(nn), stride_b=_i(0), stride_y=_i(w),
+            stride_p=_i(nn), HAS_SB=True, HAS_B=True, **common),
             nw, 1, False))
         out.append((f"rowop_bwd r={rr} N={nn}", K._rowop_bwd_kernel, dict(
             DY=_p("bf16"), DP=_p("fp32"), Z=_p("bf16"), A=_p("bf16"), P=_p("fp32"), M=_p("fp32"), DZ=_p("bf16"),

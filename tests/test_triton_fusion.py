@@ -1,4 +1,4 @@
-"""Triton backend (afkern.kernels.fusion) against the torch fast path and the float64 reference.
+"""Triton backend (afkern.backends.triton_ops, kernels/) against the torch fast path and the float64 reference.
 
 Runs on CPU tensors under TRITON_INTERPRET=1 (tests/conftest.py sets it before triton is first
 imported), and on CUDA tensors with real compilation when AFKERN_TEST_GPU=1 on a GPU machine.
@@ -17,8 +17,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import afkern
+
 from afkern.activations import KERNEL_ACTIVATIONS
-from afkern.ops.fusion import fold_weights, fusion_layer_torch
+from afkern.backends.torch_ops import layer as fusion_layer_torch
+from afkern.ops.fold import fold_weights
+from afkern.ops.layer import Primitives, fusion_layer
 from afkern.ops.reference import fusion_layer_reference
 from afkern.ops.rowop import rowop_backward, rowop_forward
 
@@ -32,7 +36,9 @@ elif torch.cuda.is_available():
 else:  # pragma: no cover - only without conftest's TRITON_INTERPRET and without a GPU
     pytest.skip("the triton backend needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 
-K = pytest.importorskip("afkern.kernels.fusion")
+pytest.importorskip("triton")
+from afkern.backends import triton_ops  # noqa: E402
+from afkern.kernels import add_norm as KN, rowop as KR  # noqa: E402
 
 # error floor per dtype, relative to the reference's magnitude
 FLOOR = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
@@ -109,7 +115,7 @@ def _compare_layer(T, N, r, d, dtype, cfg, it=0.7, dropout=False, seed=0):
     dgrad = torch.randn(T, d, generator=torch.Generator().manual_seed(seed + 3), dtype=torch.float64).to(DEVICE)
     ref = _run(fusion_layer_reference_7, h.double(), x.double(), P64, spec, it, M, dgrad)
     tor = _run(fusion_layer_torch, h, x, P, spec, it, M, dgrad)
-    tri = _run(K.fusion_layer_triton, h, x, P, spec, it, M, dgrad)
+    tri = _run(triton_ops.layer, h, x, P, spec, it, M, dgrad)
     assert tri[0].dtype == dtype and tri[0].shape == (T, d)
     _close("out", tri[0], ref[0], tor[0], dtype)
     if spec.fusion:
@@ -159,7 +165,7 @@ def test_layer_folded_inference(dtype, name):
                                            dataclasses.replace(P, **{k: (None if v is None else v.double())
                                                                      for k, v in P.__dict__.items()}), spec, 0.5)
         tor, ptor = fusion_layer_torch(h, x, P, spec, 0.5, None, folded)
-        tri, ptri = K.fusion_layer_triton(h, x, P, spec, 0.5, None, folded)
+        tri, ptri = triton_ops.layer(h, x, P, spec, 0.5, None, folded)
     _close("folded out", tri, ref, tor, dtype)
     _close("folded probs", ptri, pref, ptor, dtype if dtype != torch.float32 else torch.float32)
 
@@ -172,15 +178,19 @@ def test_layer_inputs_noncontiguous_and_errors():
     ht = h.t().contiguous().t()  # same values, column-major
     assert not ht.is_contiguous()
     with torch.no_grad():
-        a, _ = K.fusion_layer_triton(ht, x, P, spec)
-        b, _ = K.fusion_layer_triton(h, x, P, spec)
+        a, _ = triton_ops.layer(ht, x, P, spec)
+        b, _ = triton_ops.layer(h, x, P, spec)
     assert torch.equal(a, b)
-    with pytest.raises(TypeError, match="float32, bfloat16 and float16"):
-        K.fusion_layer_triton(h.double(), x.double(), P, spec)
-    with pytest.raises(ValueError, match=r"\[T, 24\]"):
-        K.fusion_layer_triton(h[:, :20], x, P, spec)
+    # dtypes and shapes are checked once, by the registry and the block, for every backend
+    with pytest.raises(ValueError, match="float32, bfloat16 and float16"):
+        afkern.resolve_backend("triton", h.device, spec, torch.float64)
+    blk = afkern.FusedAdapterBlock(d, ["a", "b", "c"], backend="triton").double()
+    with pytest.raises(ValueError, match="float32, bfloat16 and float16"):
+        blk(h.double(), x.double())
+    with pytest.raises(ValueError, match=r"\[tokens, 24\]"):
+        blk.float()(h[:, :20], x)
     with pytest.raises(ValueError, match="no fused-kernel implementation"):
-        K.fusion_layer_triton(h, x, P, make_spec(N, r, d, activation="mish"))
+        triton_ops.layer(h, x, P, make_spec(N, r, d, activation="mish"))
 
 
 # ------------------------------------------------------------------------------------------ row op
@@ -194,13 +204,13 @@ def test_rowop_kernels_match_contract(act, dtype):
     rn = lambda *s: torch.randn(*s, generator=g).to(DEVICE, dtype)  # noqa: E731
     Z, A, sb = rn(T, N * r), rn(T, N * r), rn(T, N)
     M = ((torch.rand(T, N, generator=g) >= 0.25).float() / 0.75).to(DEVICE)
-    Y, p = K.rowop_forward_triton(Z, A, sb, N, act, 0.6, M)
+    Y, p = KR.rowop_forward_triton(Z, A, sb, N, act, 0.6, M)
     Y0, p0 = rowop_forward(Z, A, sb, N, act, 0.6, M)
     tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
     torch.testing.assert_close(Y, Y0, **tol)
     torch.testing.assert_close(p, p0, atol=1e-6, rtol=1e-5)
     dY, dp = rn(T, N * r), torch.randn(T, N, generator=g).to(DEVICE)
-    got = K.rowop_backward_triton(dY, dp, Z, A, p0, N, act, 0.6, M, return_y=True)
+    got = KR.rowop_backward_triton(dY, dp, Z, A, p0, N, act, 0.6, M, return_y=True)
     want = rowop_backward(dY, dp, Z, A, p0, N, act, 0.6, M)
     for name, a, b in zip(("dZ", "dA", "dsb"), got[:3], want):
         assert a.dtype == b.dtype, name
@@ -218,7 +228,7 @@ def test_rowop_autograd_fallback_path():
     dgrad = torch.randn(T, d, dtype=torch.float64).to(DEVICE)
 
     def fb(hh, xx, PP, sp, it, MM, folded=None):
-        return fusion_layer_torch(hh, xx, PP, sp, it, MM, rowop=K.rowop_triton, add_ln=K.add_layer_norm_triton)
+        return fusion_layer(hh, xx, PP, sp, Primitives(rowop=KR.rowop_triton, add_norm=KN.add_layer_norm_triton), it, MM)
 
     a = _run(fb, h, x, P, spec, 0.8, M, dgrad)
     b = _run(fusion_layer_torch, h, x, P, spec, 0.8, M, dgrad)
@@ -252,7 +262,7 @@ def test_add_layer_norm(dtype, d, res, affine):
     to = lambda t: t.to(DEVICE, dtype)  # noqa: E731
     ref = run(torch_ln, lambda t: t.to(DEVICE))
     tor = run(torch_ln, to)
-    tri = run(K.add_layer_norm_triton, to)
+    tri = run(KN.add_layer_norm_triton, to)
     for i, (a, b, c) in enumerate(zip(tri, ref, tor)):
         assert a.dtype == dtype
         _close(f"add_ln[{i}]", a, b, c, dtype)

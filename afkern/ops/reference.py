@@ -4,6 +4,13 @@ This is the correctness oracle of afkern and the "before" of its benchmarks. It 
 ``adapters`` 1.3.0 line by line (``Adapter.pre_forward``, ``BottleneckLayer.compose_fuse``,
 ``BertFusion.forward``, ``Adapter.post_forward``): N separate adapters, an [..., N, d]
 stack of their outputs, key and value maps applied to every adapter's output.
+
+It shares no code with the fast paths (``afkern.ops.layer`` and the kernels): only the
+``reference`` backend and the tests import it, so a bug in the fast paths cannot move the oracle.
+The two inputs beyond AdapterHub's are afkern's fusion controls and routing (docs/DESIGN.md
+sections 5 and 7): ``prior`` is added to the tempered scores before the softmax
+(``-inf`` removes an adapter; with ``inv_temperature = 0`` it fixes the weights to
+``softmax(prior)``).
 """
 
 from __future__ import annotations
@@ -16,7 +23,13 @@ import torch.nn.functional as F
 from ..activations import activation_fn
 from .params import FusionParams, LayerSpec
 
-__all__ = ["fusion_layer_reference", "block_prologue", "single_adapter_output"]
+__all__ = ["fusion_layer_reference", "block_prologue"]
+
+
+def _norm(u: torch.Tensor, P: FusionParams, spec: LayerSpec) -> torch.Tensor:
+    if P.norm_module is not None:
+        return P.norm_module(u)
+    return F.layer_norm(u, (spec.hidden,), P.ln_weight, P.ln_bias, spec.ln_eps)
 
 
 def block_prologue(h: torch.Tensor, input_tensor: torch.Tensor, P: FusionParams, spec: LayerSpec):
@@ -26,9 +39,10 @@ def block_prologue(h: torch.Tensor, input_tensor: torch.Tensor, P: FusionParams,
     x = h
     if spec.original_ln_before:
         x = h + input_tensor
-        if spec.residual_before_ln == "post_add":
-            residual = x
-        x = F.layer_norm(x, (spec.hidden,), P.ln_weight, P.ln_bias, spec.ln_eps)
+        if spec.layer_norm:
+            if spec.residual_before_ln == "post_add":
+                residual = x
+            x = _norm(x, P, spec)
     if not spec.residual_before_ln:
         residual = x
     if query is None:
@@ -41,14 +55,6 @@ def _adapter_up(x: torch.Tensor, P: FusionParams, n: int, act) -> torch.Tensor:
     return F.linear(down, P.up_weight[n].t(), P.up_bias[n])
 
 
-def single_adapter_output(x: torch.Tensor, residual: torch.Tensor, P: FusionParams, spec: LayerSpec) -> torch.Tensor:
-    """One active adapter without fusion (``Adapter.forward``): ``dropout(up) + residual``."""
-    up = _adapter_up(x, P, spec.active, activation_fn(spec.activation))
-    if spec.adapter_dropout > 0:
-        up = F.dropout(up, spec.adapter_dropout, training=True)
-    return up + residual
-
-
 def fusion_layer_reference(
     h: torch.Tensor,
     input_tensor: torch.Tensor,
@@ -56,15 +62,23 @@ def fusion_layer_reference(
     spec: LayerSpec,
     inv_temperature: float = 1.0,
     score_scale: Optional[torch.Tensor] = None,
+    folded=None,
+    prior: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Naive layer. ``h`` is BertOutput's ``dropout(dense(.))``; returns (output, fusion probs).
+    """Naive layer. ``h`` is the sub-layer output (BertOutput's ``dropout(dense(.))``); returns
+    (output, fusion probs).
 
-    ``score_scale`` is the score-dropout scale (0 or 1/(1-p) per token and adapter) or None.
+    ``score_scale`` is the score-dropout scale (0 or 1/(1-p) per token and adapter) or None;
+    ``prior`` [T, N] or [N] is added to ``scores * inv_temperature`` (None: nothing);
+    ``folded`` is accepted for the backends' common signature and ignored.
     """
     act = activation_fn(spec.activation)
     x, query, residual = block_prologue(h, input_tensor, P, spec)
     if not spec.fusion:
-        hidden = single_adapter_output(x, residual, P, spec)
+        up = _adapter_up(x, P, spec.active, act)
+        if spec.adapter_dropout > 0:
+            up = F.dropout(up, spec.adapter_dropout, training=True)
+        hidden = up + residual
         probs = None
     else:
         ups = [_adapter_up(x, P, n, act) for n in range(spec.n_adapters)]
@@ -79,10 +93,15 @@ def fusion_layer_reference(
         scores = torch.matmul(q.unsqueeze(-2), k.transpose(-2, -1)).squeeze(-2)  # [..., N]
         if score_scale is not None:
             scores = scores * score_scale.reshape(scores.shape).to(scores.dtype)
-        probs = torch.softmax(scores * inv_temperature, dim=-1)
+        scores = scores * inv_temperature
+        if prior is not None:
+            scores = scores + prior.to(scores.dtype).expand(scores.shape)
+        probs = torch.softmax(scores, dim=-1)
         hidden = torch.matmul(probs.unsqueeze(-2), v).squeeze(-2)
         if not spec.residual_before:
             hidden = hidden + residual
     if spec.original_ln_after:
-        hidden = F.layer_norm(hidden + input_tensor, (spec.hidden,), P.ln_weight, P.ln_bias, spec.ln_eps)
+        hidden = hidden + input_tensor
+        if spec.layer_norm:
+            hidden = _norm(hidden, P, spec)
     return hidden, probs

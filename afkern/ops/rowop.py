@@ -1,6 +1,6 @@
 """The fusion row op: the only N-wide, non-GEMM work of a re-associated fusion layer.
 
-Math (DESIGN.md section 2), per token t, adapters n = 1..N, bottleneck r:
+Math (docs/DESIGN.md section 3), per token t, adapters n = 1..N, bottleneck r:
 
     Z   [T, N*r]  = x @ Wd_cat^T + bd            (pre-activation of all N down-projections)
     A   [T, N*r]  = q' @ Wu_cat^T                 (query pulled back through each up-projection)
@@ -10,10 +10,14 @@ Math (DESIGN.md section 2), per token t, adapters n = 1..N, bottleneck r:
     G_n           = act(Z_n)
     s_n           = sum_r A_nr G_nr + sb_n        (== q' . up_n up to a constant over n)
     s~            = s * M                         (M: score-dropout scale, 0 or 1/(1-p); 1 if none)
-    p             = softmax(s~ * inv_temperature) over n
+    p             = softmax(s~ * inv_temperature + b) over n
+                                                  (b: the prior, [T, N] or [N]: 0 everywhere for a
+                                                  plain fusion, -inf for an adapter a control zeroes
+                                                  or a routed fusion leaves out; with
+                                                  inv_temperature = 0 it fixes p = softmax(b))
     Y_n           = p_n G_n                       (so sum_n p_n up_n = Y @ Wu_cat + p @ bu)
 
-Backward, from upstream dY [T, N*r] and dp [T, N]:
+Backward, from upstream dY [T, N*r] and dp [T, N] (b is a constant: it does not appear):
 
     g_n   = sum_r dY_nr G_nr + dp_n
     ds_n  = p_n (g_n - sum_m p_m g_m) * inv_temperature * M_n
@@ -22,9 +26,11 @@ Backward, from upstream dY [T, N*r] and dp [T, N]:
     dsb_n = ds_n
     dZ    = dG * act'(Z)
 
-This file is the plain-torch statement of that contract (float32 math whatever the input
-dtype, float64 for float64 inputs). The Triton kernels (``afkern.kernels.fusion``) and the CUDA ops (``csrc/``) are
-tested against it, and it against autograd.
+Scores, softmax and the backward accumulate in float32 whatever the storage dtype (float64 for
+float64). This file holds the plain-torch statement of that contract (:func:`rowop_forward`,
+:func:`rowop_backward`: the oracle of the kernels' row ops) and the torch backend's row op
+(:func:`rowop_torch`, autograd-derived). The Triton kernels (``kernels/rowop.py``) and the CUDA
+ops (``csrc/rowop.cu``) are tested against the contract, and it against autograd.
 """
 
 from __future__ import annotations
@@ -32,10 +38,11 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from ..activations import activation_fn, activation_grad
 
-__all__ = ["rowop_forward", "rowop_backward", "acc", "check_rowop_inputs"]
+__all__ = ["rowop_forward", "rowop_backward", "rowop_torch", "acc", "check_rowop_inputs"]
 
 
 def acc(t: torch.Tensor) -> torch.Tensor:
@@ -43,7 +50,8 @@ def acc(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float64 else t.float()
 
 
-def check_rowop_inputs(Z: torch.Tensor, A: torch.Tensor, sb: Optional[torch.Tensor], n_adapters: int):
+def check_rowop_inputs(Z: torch.Tensor, A: torch.Tensor, sb: Optional[torch.Tensor], n_adapters: int,
+                       prior: Optional[torch.Tensor] = None):
     """Shape checks every row-op implementation shares."""
     if Z.dim() != 2 or A.shape != Z.shape:
         raise ValueError(f"rowop expects Z and A of the same shape [T, N*r], got {tuple(Z.shape)} and {tuple(A.shape)}")
@@ -51,6 +59,19 @@ def check_rowop_inputs(Z: torch.Tensor, A: torch.Tensor, sb: Optional[torch.Tens
         raise ValueError(f"rowop: width {Z.shape[1]} is not a multiple of the adapter count {n_adapters}")
     if sb is not None and sb.shape != (Z.shape[0], n_adapters):
         raise ValueError(f"rowop expects sb of shape [T, N] = {(Z.shape[0], n_adapters)}, got {tuple(sb.shape)}")
+    if prior is not None and prior.shape not in ((n_adapters,), (Z.shape[0], n_adapters)):
+        raise ValueError(f"rowop expects a prior of shape [N] or [T, N] = {(Z.shape[0], n_adapters)}, "
+                         f"got {tuple(prior.shape)}")
+
+
+def _tempered(s: torch.Tensor, inv_temperature: float, score_scale, prior) -> torch.Tensor:
+    """``s * M * inv_temperature + b`` in the accumulation dtype."""
+    if score_scale is not None:
+        s = s * score_scale.to(s.dtype)
+    s = s * inv_temperature
+    if prior is not None:
+        s = s + prior.to(s.dtype)
+    return s
 
 
 def rowop_forward(
@@ -61,19 +82,18 @@ def rowop_forward(
     activation: str,
     inv_temperature: float = 1.0,
     score_scale: Optional[torch.Tensor] = None,
+    prior: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Forward of the row op. Returns ``Y`` [T, N*r] in Z's dtype and ``p`` [T, N] in the
     accumulation dtype (float32; float64 for float64 inputs)."""
-    check_rowop_inputs(Z, A, sb, n_adapters)
+    check_rowop_inputs(Z, A, sb, n_adapters, prior)
     T, W = Z.shape
     r = W // n_adapters
     G = activation_fn(activation)(acc(Z)).view(T, n_adapters, r)
     s = (acc(A).view(T, n_adapters, r) * G).sum(-1)
     if sb is not None:
         s = s + acc(sb)
-    if score_scale is not None:
-        s = s * score_scale.to(s.dtype)
-    p = torch.softmax(s * inv_temperature, dim=-1)
+    p = torch.softmax(_tempered(s, inv_temperature, score_scale, prior), dim=-1)
     Y = (G * p.unsqueeze(-1)).view(T, W)
     return Y.to(Z.dtype), p
 
@@ -106,3 +126,34 @@ def rowop_backward(
     dA = ds.unsqueeze(-1) * G
     dZ = dG.view(T, W) * activation_grad(activation, Zf)
     return dZ.to(Z.dtype), dA.view(T, W).to(A.dtype), ds
+
+
+_INPLACE_ACT = {"relu": torch.relu_, "tanh": torch.tanh_, "sigmoid": torch.sigmoid_,
+                "silu": lambda z: F.silu(z, inplace=True), "linear": lambda z: z}
+
+
+def rowop_torch(Z, A, sb, n_adapters, activation, inv_temperature=1.0, score_scale=None, prior=None):
+    """The row op of the torch backend, in differentiable torch ops (autograd derives the backward).
+
+    float32 / float64 storage: the score products run in the storage dtype, which is the
+    accumulation dtype. 16-bit storage (autocast, ``model.half()``): the activation and the score
+    products run in float32, so the probabilities are float32-accurate as in the kernels. Without
+    autograd (inference) the activation and the p-scaling of float32/float64 inputs run in place
+    on ``Z``'s storage, which the caller gives up: that saves two [T, N*r] allocations per layer.
+    """
+    T, W = Z.shape
+    r = W // n_adapters
+    wide = Z.dtype in (torch.float32, torch.float64)
+    inplace = wide and not torch.is_grad_enabled()
+    if inplace and activation in _INPLACE_ACT:
+        G = _INPLACE_ACT[activation](Z)
+    else:
+        G = activation_fn(activation)(Z if wide else Z.float())
+    G3 = G.view(T, n_adapters, r)
+    s = (A.view(T, n_adapters, r).to(G.dtype) * G3).sum(-1)
+    if sb is not None:
+        s = s + sb.to(s.dtype)
+    p = torch.softmax(_tempered(acc(s), inv_temperature, score_scale, prior), dim=-1)
+    pc = p.to(G.dtype).unsqueeze(-1)
+    Y = G3.mul_(pc) if inplace else G3 * pc
+    return Y.view(T, W).to(Z.dtype), p

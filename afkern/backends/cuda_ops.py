@@ -1,4 +1,4 @@
-"""afkern's CUDA backend: custom ops ``torch.ops.afkern.*`` and the layer function on top of them.
+"""Backend ``cuda``: custom ops ``torch.ops.afkern.*`` and the layer function on top of them.
 
 Three layers, as in flash-attention's Python face:
 
@@ -9,8 +9,9 @@ Three layers, as in flash-attention's Python face:
    ==========================  ====================================================================
    op                          schema
    ==========================  ====================================================================
-   ``rowop_fwd``               (Tensor Z, Tensor A, Tensor? sb, Tensor? score_scale, int n_adapters,
-                               int activation, float inv_temperature) -> (Tensor Y, Tensor p)
+   ``rowop_fwd``               (Tensor Z, Tensor A, Tensor? sb, Tensor? score_scale, Tensor? prior,
+                               int n_adapters, int activation, float inv_temperature)
+                               -> (Tensor Y, Tensor p)
    ``rowop_bwd``               (Tensor dY, Tensor? dp, Tensor Z, Tensor A, Tensor p,
                                Tensor? score_scale, int n_adapters, int activation,
                                float inv_temperature) -> (Tensor dZ, Tensor dA, Tensor dsb)
@@ -22,12 +23,12 @@ Three layers, as in flash-attention's Python face:
 
    The compiled extension ``afkern._C`` (csrc/) adds only their CUDA kernels
    (``TORCH_LIBRARY_IMPL(afkern, CUDA, m)``). The CPU kernels are the plain-torch contract
-   (:mod:`afkern.ops.rowop`, a float32 LayerNorm), so ``opcheck`` and gradient tests of the ops
-   run on any machine, and the same tests run the CUDA kernels where a GPU is present.
+   (:mod:`afkern.ops.rowop`, ATen's LayerNorm in float32), so ``opcheck`` and gradient tests of
+   the ops run on any machine, and the same tests run the CUDA kernels where a GPU is present.
 2. Differentiable wrappers :func:`rowop` and :func:`add_layer_norm` (autograd registered on
    the forward ops with ``torch.library.register_autograd``).
-3. :func:`fusion_layer_cuda`: the re-associated layer (cuBLAS GEMMs through torch) with these
-   ops in place of the row op and the residual-add LayerNorms.
+3. :func:`layer`: the re-associated layer (``afkern.ops.layer``, cuBLAS GEMMs through torch) with
+   these ops as its row op and residual-add LayerNorm.
 
 The extension is optional at build and at import: importing afkern never fails because of it;
 only asking for backend ``"cuda"`` reports why it is missing. With ``AFKERN_JIT_BUILD=1`` a
@@ -43,22 +44,14 @@ from typing import Optional, Tuple
 
 import torch
 
-from .activations import KERNEL_ACTIVATIONS, activation_code
-from .ops.rowop import rowop_backward, rowop_forward
+from ..activations import activation_code
+from ..ops.layer import Primitives, fusion_layer
+from ..ops.limits import KERNEL_ACTIVATIONS, MAX_ADAPTERS
+from ..ops.rowop import rowop_backward, rowop_forward
 
-__all__ = [
-    "MAX_ADAPTERS",
-    "extension_status",
-    "rowop",
-    "add_layer_norm",
-    "fusion_layer_cuda",
-]
-
-#: Largest adapter count of the CUDA row-op kernels (warp 0 holds two adapters per lane).
-MAX_ADAPTERS = 64
+__all__ = ["extension_status", "status", "rowop", "add_layer_norm", "PRIMITIVES", "layer"]
 
 _CODE_TO_NAME = {code: name for name, code in KERNEL_ACTIVATIONS.items()}
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # ---------------------------------------------------------------------------------------------
 # 1. schemas, fakes, CPU reference kernels, autograd
@@ -66,7 +59,7 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _lib = torch.library.Library("afkern", "FRAGMENT")
 _lib.define(
-    "rowop_fwd(Tensor Z, Tensor A, Tensor? sb, Tensor? score_scale, int n_adapters, int activation, "
+    "rowop_fwd(Tensor Z, Tensor A, Tensor? sb, Tensor? score_scale, Tensor? prior, int n_adapters, int activation, "
     "float inv_temperature) -> (Tensor, Tensor)"
 )
 _lib.define(
@@ -91,7 +84,7 @@ def _check_2d(t, name, op, shape, dtype=None):
         _expect(t.dtype == dtype, f"{op}: expected {name} of dtype {dtype}, got {t.dtype}")
 
 
-def _check_rowop(op, Z, A, sb, score_scale, n_adapters, activation):
+def _check_rowop(op, Z, A, sb, score_scale, n_adapters, activation, prior=None):
     _expect(Z.dim() == 2, f"{op}: expected Z of shape [T, N*r], got {list(Z.shape)}")
     _expect(Z.dtype.is_floating_point, f"{op}: expected a floating-point Z, got {Z.dtype}")
     _expect(1 <= n_adapters <= MAX_ADAPTERS, f"{op}: expected 1 <= n_adapters <= {MAX_ADAPTERS}, got {n_adapters}")
@@ -105,6 +98,8 @@ def _check_rowop(op, Z, A, sb, score_scale, n_adapters, activation):
         _check_2d(sb, "sb", op, (T, n_adapters), Z.dtype)
     if score_scale is not None:
         _check_2d(score_scale, "score_scale", op, (T, n_adapters), torch.float32)
+    if prior is not None:
+        _check_2d(prior, "prior", op, (T, n_adapters), torch.float32)
     return T
 
 
@@ -125,8 +120,8 @@ def _check_ln(op, x, residual, weight, bias=None):
 
 
 @torch.library.register_fake("afkern::rowop_fwd")
-def _rowop_fwd_fake(Z, A, sb, score_scale, n_adapters, activation, inv_temperature):
-    T = _check_rowop("afkern::rowop_fwd", Z, A, sb, score_scale, n_adapters, activation)
+def _rowop_fwd_fake(Z, A, sb, score_scale, prior, n_adapters, activation, inv_temperature):
+    T = _check_rowop("afkern::rowop_fwd", Z, A, sb, score_scale, n_adapters, activation, prior)
     return Z.new_empty(Z.shape), Z.new_empty((T, n_adapters), dtype=torch.float32)
 
 
@@ -160,9 +155,9 @@ def _add_ln_bwd_fake(dout, x, residual, weight, mean, rstd):
 
 # CPU kernels: the plain-torch contract. They make the ops callable (and opcheck-able) on CPU;
 # they are not a fast path (backend "torch" is the CPU path).
-def _rowop_fwd_cpu(Z, A, sb, score_scale, n_adapters, activation, inv_temperature):
-    _check_rowop("afkern::rowop_fwd", Z, A, sb, score_scale, n_adapters, activation)
-    Y, p = rowop_forward(Z, A, sb, n_adapters, _CODE_TO_NAME[activation], inv_temperature, score_scale)
+def _rowop_fwd_cpu(Z, A, sb, score_scale, prior, n_adapters, activation, inv_temperature):
+    _check_rowop("afkern::rowop_fwd", Z, A, sb, score_scale, n_adapters, activation, prior)
+    Y, p = rowop_forward(Z, A, sb, n_adapters, _CODE_TO_NAME[activation], inv_temperature, score_scale, prior)
     return Y.contiguous(), p.contiguous()
 
 
@@ -175,25 +170,18 @@ def _rowop_bwd_cpu(dY, dp, Z, A, p, score_scale, n_adapters, activation, inv_tem
 def _add_ln_fwd_cpu(x, residual, weight, bias, eps):
     _check_ln("afkern::add_layernorm_fwd", x, residual, weight, bias)
     acc = _stat_dtype(x.dtype)
-    v = x.to(acc) + residual.to(acc)
-    mean = v.mean(-1)
-    c = v - mean[:, None]
-    rstd = torch.rsqrt((c * c).mean(-1) + eps)
-    out = torch.addcmul(bias.to(acc), c * rstd[:, None], weight.to(acc))
-    return out.to(x.dtype), mean, rstd
+    out, mean, rstd = torch.native_layer_norm(x.to(acc) + residual.to(acc), [x.shape[1]], weight.to(acc),
+                                              bias.to(acc), eps)
+    return out.to(x.dtype), mean.reshape(-1), rstd.reshape(-1)
 
 
 def _add_ln_bwd_cpu(dout, x, residual, weight, mean, rstd):
     _add_ln_bwd_fake(dout, x, residual, weight, mean, rstd)  # checks only
     acc = _stat_dtype(x.dtype)
-    rs = rstd.to(acc)[:, None]
-    xhat = (x.to(acc) + residual.to(acc) - mean.to(acc)[:, None]) * rs
-    dy = dout.to(acc)
-    wdy = dy * weight.to(acc)
-    c1 = (xhat * wdy).mean(-1, keepdim=True)
-    c2 = wdy.mean(-1, keepdim=True)
-    dx = (wdy - xhat * c1 - c2) * rs
-    return dx.to(x.dtype), (dy * xhat).sum(0).to(weight.dtype), dy.sum(0).to(weight.dtype)
+    dx, dw, db = torch.ops.aten.native_layer_norm_backward(
+        dout.to(acc), x.to(acc) + residual.to(acc), [x.shape[1]], mean.to(acc).reshape(-1, 1),
+        rstd.to(acc).reshape(-1, 1), weight.to(acc), torch.zeros_like(weight, dtype=acc), [True, True, True])
+    return dx.to(x.dtype), dw.to(weight.dtype), db.to(weight.dtype)
 
 
 _lib.impl("rowop_fwd", _rowop_fwd_cpu, "CPU")
@@ -210,7 +198,7 @@ def _rowmajor(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 
 def _rowop_setup(ctx, inputs, output):
-    Z, A, sb, score_scale, n_adapters, activation, inv_temperature = inputs
+    Z, A, sb, score_scale, prior, n_adapters, activation, inv_temperature = inputs
     ctx.save_for_backward(Z, A, output[1], score_scale)
     ctx.args = (n_adapters, activation, inv_temperature)
     ctx.sb_dtype = None if sb is None else sb.dtype
@@ -223,7 +211,7 @@ def _rowop_bwd_autograd(ctx, dY, dp):
     dp = None if dp is None else _rowmajor(dp.float())
     dZ, dA, dsb = torch.ops.afkern.rowop_bwd(dY, dp, Z, A, p, score_scale, n_adapters, activation, inv_temperature)
     dsb = None if ctx.sb_dtype is None else dsb.to(ctx.sb_dtype)
-    return dZ, dA, dsb, None, None, None, None
+    return dZ, dA, dsb, None, None, None, None, None
 
 
 def _add_ln_setup(ctx, inputs, output):
@@ -255,21 +243,27 @@ def rowop(
     activation: str,
     inv_temperature: float = 1.0,
     score_scale: Optional[torch.Tensor] = None,
+    prior: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The fusion row op through ``torch.ops.afkern.rowop_fwd`` (differentiable).
 
     Z, A: [T, N*r] (same float dtype; any row stride, unit stride along the row); sb: [T, N] or
-    None; score_scale: [T, N] score-dropout scale or None; activation: a name of
+    None; score_scale: [T, N] score-dropout scale or None; prior: [N] or [T, N] or None (an [N]
+    prior is passed as a row-stride-0 view, not copied); activation: a name of
     ``KERNEL_ACTIVATIONS``. Returns Y [T, N*r] in Z's dtype and p [T, N] float32, exactly
     :func:`afkern.ops.rowop.rowop_forward`; the backward is :func:`rowop_backward`'s formula.
     """
     code = activation_code(activation)
+    T = Z.shape[0]
     if sb is not None and sb.dtype != Z.dtype:
         sb = sb.to(Z.dtype)
     if score_scale is not None:
         score_scale = score_scale.to(device=Z.device, dtype=torch.float32)
+    if prior is not None:
+        prior = prior.to(device=Z.device, dtype=torch.float32)
+        prior = prior.expand(T, n_adapters) if prior.dim() == 1 else _rowmajor(prior)
     return torch.ops.afkern.rowop_fwd(
-        _rowmajor(Z), _rowmajor(A.to(Z.dtype)), _rowmajor(sb), _rowmajor(score_scale),
+        _rowmajor(Z), _rowmajor(A.to(Z.dtype)), _rowmajor(sb), _rowmajor(score_scale), prior,
         int(n_adapters), code, float(inv_temperature),
     )
 
@@ -283,11 +277,14 @@ def add_layer_norm(
 ) -> torch.Tensor:
     """``F.layer_norm(x + residual, (d,), weight, bias, eps)`` through ``afkern::add_layernorm_fwd``.
 
-    x, residual: [..., d] of one dtype; weight, bias: [d] or None (then 1 and 0). The sum is
-    never rounded to x's dtype before the normalisation (float32 statistics).
+    x, residual: [..., d] of one dtype (residual None: a LayerNorm of x alone); weight, bias: [d]
+    or None (then 1 and 0). The sum is never rounded to x's dtype before the normalisation
+    (float32 statistics).
     """
     d = x.shape[-1]
     shape = x.shape
+    if residual is None:
+        residual = torch.zeros_like(x)
     if weight is None:
         weight = torch.ones(d, dtype=x.dtype, device=x.device)
     if bias is None:
@@ -308,7 +305,7 @@ _ERR = "not tried"
 
 
 def _repo_root() -> str:
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _jit_build():
@@ -332,7 +329,7 @@ def _load():
     if _EXT is not None or _ERR != "not tried":
         return _EXT
     try:
-        from . import _C  # type: ignore[attr-defined]  # noqa: F401  (registers the CUDA kernels)
+        from .. import _C  # type: ignore[attr-defined]  # noqa: F401  (registers the CUDA kernels)
 
         _EXT, _ERR = _C, ""
         return _EXT
@@ -359,37 +356,27 @@ def extension_status() -> Tuple[bool, str]:
     return (ext is not None), ("ok" if ext is not None else _ERR)
 
 
-def _fusion_layer_ops(h, input_tensor, P, spec, inv_temperature=1.0, score_scale=None, folded=None):
-    """The layer with afkern's custom ops, on any device that has kernels for them (CUDA with
-    the extension; CPU through the reference kernels, for tests)."""
-    from .ops.fusion import fusion_layer_torch
+def status(device: torch.device) -> Tuple[bool, str]:
+    if device.type != "cuda":
+        return False, (
+            f"the cuda backend runs on CUDA tensors; these are on {device.type} (it needs a CUDA GPU and the "
+            "extension built at install: AFKERN_FORCE_CUDA_BUILD=1 pip install --no-build-isolation .)"
+        )
+    return extension_status()
 
-    return fusion_layer_torch(h, input_tensor, P, spec, inv_temperature, score_scale, folded,
-                              rowop=rowop, add_ln=add_layer_norm)
+
+#: The cuda backend's primitives: afkern's custom ops, on any device that has kernels for them
+#: (CUDA with the extension; CPU through the reference kernels, for tests).
+PRIMITIVES = Primitives(rowop=rowop, add_norm=add_layer_norm, uniform_dtype=True)
 
 
-def fusion_layer_cuda(
-    h: torch.Tensor,
-    input_tensor: torch.Tensor,
-    P,
-    spec,
-    inv_temperature: float = 1.0,
-    score_scale: Optional[torch.Tensor] = None,
-    folded=None,
-):
-    """Backend ``"cuda"``: h, input_tensor [T, d] CUDA tensors (float32, bfloat16 or float16).
-
-    Returns (out [T, d], probs [T, N] float32 or None), equal to
-    :func:`afkern.ops.fusion.fusion_layer_torch` with the row op and the residual-add
-    LayerNorms on afkern's CUDA kernels (GEMMs stay on cuBLAS).
-    """
+def layer(h, input_tensor, P, spec, inv_temperature=1.0, score_scale=None, folded=None, prior=None):
+    """h, input_tensor [T, d] on CUDA, float32 / bfloat16 / float16: the layer of
+    ``afkern.ops.layer`` with the row op and the residual-add LayerNorms on afkern's CUDA kernels
+    (GEMMs stay on cuBLAS). Returns (out [T, d], probs [T, N] float32 or None)."""
     ok, why = extension_status()
     if not ok:
         raise RuntimeError(f"backend 'cuda' cannot run: {why}")
     if h.device.type != "cuda":
         raise RuntimeError(f"backend 'cuda' runs on CUDA tensors; got tensors on {h.device.type}")
-    if h.dtype not in _KERNEL_DTYPES:
-        raise ValueError(f"backend 'cuda' supports float32, bfloat16 and float16; got {h.dtype} (use backend='torch')")
-    if spec.fusion and spec.n_adapters > MAX_ADAPTERS:
-        raise ValueError(f"backend 'cuda' supports at most {MAX_ADAPTERS} adapters; got {spec.n_adapters}")
-    return _fusion_layer_ops(h, input_tensor, P, spec, inv_temperature, score_scale, folded)
+    return fusion_layer(h, input_tensor, P, spec, PRIMITIVES, inv_temperature, score_scale, folded, prior)
