@@ -50,7 +50,7 @@ bench-full: $(STAMP)
 	$(VENV)/bin/afkern-bench --output-dir benchmarks/results
 
 train: $(STAMP)
-	$(VENV)/bin/afkern-train demo --quick --output-dir out/demo
+	$(VENV)/bin/afkern-train demo --quick --output-dir out/demo --overwrite
 
 clean:
 	rm -rf $(VENV) .venv-tf5 .venv-cuda .venv-triton36 build *.egg-info .pytest_cache

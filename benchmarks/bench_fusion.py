@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """The benchmark suite as a script: ``python benchmarks/bench_fusion.py [options]`` is
-``afkern-bench [options]`` (see ``afkern/bench.py`` for what is timed and how; ``--help``)."""
+``afkern-bench [options]`` (what is timed and how: the module docstrings of ``afkern/bench/``;
+``--help``)."""
 
 import sys
 

@@ -9,9 +9,12 @@ bfloat16 on CUDA:
   here, and the plain BertOutput);
 - ``model``: a 4-layer BERT with Fuse(16) against the plain model, inference.
 
-Every provider is checked against afkern's reference with ``afkern.bench.check_provider`` before
-it is timed; a mismatch fails the case. Sizes: ``AFKERN_BENCH_TOKENS`` (default 256) tokens for
-both, ``AFKERN_BENCH_LAYERS`` (default 4) layers. The full sweep with plots is ``afkern-bench``.
+Every provider is checked with ``afkern.bench.check_provider`` against a float64 run of afkern's
+reference (no worse than twice the error of the reference path in the run's dtype, or a small
+floor; ``afkern/bench/check.py``) before it is timed; a mismatch fails the case. Every case is
+warmed up as ``afkern-bench`` does (``afkern.bench.warm_up``) before pytest-benchmark times it.
+Sizes: ``AFKERN_BENCH_TOKENS`` (default 256) tokens for both, ``AFKERN_BENCH_LAYERS`` (default 4)
+layers. The full sweep with plots is ``afkern-bench``.
 """
 
 import os
@@ -33,11 +36,9 @@ MODEL_PROVIDERS = ["plain", "adapters", "torch", "triton", "cuda"]
 
 def _prepared(kind, layers):
     setup = bench.Setup(bench.BenchShape(), N, layers, SEQ, DEVICE, DTYPE)
-    inputs, _ = bench._inputs(setup, kind, TOKENS, SEQ, seed=1)
-    dy = torch.randn(inputs[-1].shape[:-1] + (setup.shape.hidden,), generator=torch.Generator().manual_seed(2))
-    dy = dy.to(DEVICE, DTYPE)
-    ref = bench._evaluate(bench.PROVIDERS["reference"].build(setup, kind), inputs, dy, grads=True)
-    return setup, inputs, dy, ref, {}
+    inputs, dy, _ = bench.make_inputs(setup, kind, TOKENS, SEQ, seed=1)
+    oracle = bench.make_oracle(setup, kind, inputs, dy, grads=True)
+    return setup, inputs, dy, oracle, {}
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def model_setup():
 
 
 def _runner(prepared, kind, name):
-    setup, inputs, dy, ref, cache = prepared
+    setup, inputs, dy, oracle, cache = prepared
     if name not in cache:
         try:
             runner = bench.PROVIDERS[name].build(setup, kind)
@@ -60,12 +61,12 @@ def _runner(prepared, kind, name):
         else:
             status = "ok"
             if bench.PROVIDERS[name].checked:
-                status, err = bench.check_provider(runner, ref, inputs, dy, DTYPE, grads=True)
+                status, err = bench.check_provider(runner, oracle, inputs, dy, grads=True)
             cache[name] = (status, runner)
     status, val = cache[name]
     if status == "unavailable":
         pytest.skip(f"{name}: {val}")
-    assert status == "ok", f"provider {name} disagrees with the reference: {status}"
+    assert status == "ok", f"provider {name} disagrees with the float64 reference: {status}"
     return val
 
 
@@ -74,12 +75,19 @@ def _sync():
         torch.cuda.synchronize()
 
 
+def _warm_call(runner, inputs, dy, mode):
+    call = bench.prepare_call(runner, inputs, dy, mode)()
+    bench.warm_up({"case": call}, warmup=10 if DEVICE.type == "cuda" else 2, warmup_ms=bench.default_warmup_ms(DEVICE),
+                  device=DEVICE)
+    return call
+
+
 @pytest.mark.parametrize("mode", ["forward", "full"])
 @pytest.mark.parametrize("provider", BLOCK_PROVIDERS)
 def test_block_n16(benchmark, block_setup, provider, mode):
     runner = _runner(block_setup, "block", provider)
     _, inputs, dy, _, _ = block_setup
-    call = bench._make_prepare(runner, inputs, dy, mode)()
+    call = _warm_call(runner, inputs, dy, mode)
     benchmark.group = f"block N={N} {TOKENS} tok {mode} {str(DTYPE).replace('torch.', '')} {DEVICE.type}"
     benchmark.extra_info.update(provider=provider, mode=mode, n=N, tokens=TOKENS, device=bench.device_name(DEVICE))
     benchmark(lambda: (call(), _sync()))
@@ -89,7 +97,7 @@ def test_block_n16(benchmark, block_setup, provider, mode):
 def test_model_fuse16_inference(benchmark, model_setup, provider):
     runner = _runner(model_setup, "model", provider)
     _, inputs, dy, _, _ = model_setup
-    call = bench._make_prepare(runner, inputs, dy, "inference")()
+    call = _warm_call(runner, inputs, dy, "inference")
     benchmark.group = f"model {LAYERS} layers Fuse({N}) {TOKENS} tok inference {str(DTYPE).replace('torch.', '')} {DEVICE.type}"
     benchmark.extra_info.update(provider=provider, n=N, tokens=TOKENS, layers=LAYERS, device=bench.device_name(DEVICE))
     benchmark(lambda: (call(), _sync()))

@@ -13,7 +13,7 @@ import torch
 
 import afkern
 from afkern import train as T
-from afkern.data import DataError, load_task, make_demo_tasks, demo_vocabulary, read_records, write_jsonl
+from afkern.train import DataError, demo_vocabulary, load_task, make_demo_tasks, read_records, write_jsonl
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -176,8 +176,9 @@ def test_resume_restores_step_optimizer_temperature_and_matches_uninterrupted(en
     # 3 + 1 training forwards and one dev pass of 2 batches, each lowers T by 50 / 1000
     t_expect = 50 - 6 * 0.05
     assert len(ck["temperatures"]) == 2 and all(v == pytest.approx(t_expect) for v in ck["temperatures"].values())
-    extra = [v for k, v in ck["state"].items() if k.endswith("_extra_state")]
-    assert len(extra) == 2 and all(v[0].item() == pytest.approx(t_expect) for v in extra)  # [temperature, active]
+    # the temperature also travels in the state dict: the extra state of each block's fusion ([temperature])
+    extra = [v for k, v in ck["state"].items() if k.endswith("._extra_state") and ".fusions." in k]
+    assert len(extra) == 2 and all(v[0].item() == pytest.approx(t_expect) for v in extra)
     opt_steps = {float(s["step"]) for s in ck["optimizer"]["state"].values()}
     assert opt_steps == {4.0} and ck["scheduler"]["last_epoch"] == 4
     resumed = T.run(_fusion_args(env, out, "--fusion-temperature", "--epochs", "2", "--resume"))
@@ -216,7 +217,8 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 def test_prune_block_equals_block_of_kept_adapters(keep):
     torch.manual_seed(0)
     d, N = 40, 3
-    full = afkern.FusedAdapterBlock(d, ["a", "b", "c"], afkern.AdapterConfig(reduction_factor=8), in_features=56,
+    fc = afkern.FusionConfig.dynamic(temperature=True)  # a temperature other than 1 needs the annealed softmax
+    full = afkern.FusedAdapterBlock(d, ["a", "b", "c"], afkern.AdapterConfig(reduction_factor=8), fc, in_features=56,
                                     dtype=torch.float64).eval()
     with torch.no_grad():
         for p in full.parameters():
@@ -225,21 +227,28 @@ def test_prune_block_equals_block_of_kept_adapters(keep):
     pruned = T.prune_block(full, keep)
     ks = sorted(keep)
     assert pruned.adapter_names == [full.adapter_names[i] for i in ks] and pruned.temperature == 3.0
-    expect = afkern.FusedAdapterBlock(d, pruned.adapter_names, afkern.AdapterConfig(reduction_factor=8), in_features=56,
-                                      dtype=torch.float64).eval()
-    expect.load_state_dict({k: v for k, v in full.state_dict().items()
-                            if not k.startswith(("down_", "up_")) and not k.endswith("_extra_state")}, strict=False)
+    expect = afkern.FusedAdapterBlock(d, pruned.adapter_names, afkern.AdapterConfig(reduction_factor=8), fc,
+                                      in_features=56, dtype=torch.float64).eval()
+    expect.load_state_dict({k: v for k, v in full.state_dict().items() if k.startswith(("dense.", "LayerNorm."))},
+                           strict=False)
+    with torch.no_grad():
+        for lin in ("query", "key", "value"):
+            getattr(expect, lin).load_state_dict(getattr(full, lin).state_dict())
     for j, i in enumerate(ks):
         st = full.adapter_state(i)
         expect.set_adapter_weights(j, st["adapter_down.0.weight"], st["adapter_down.0.bias"], st["adapter_up.weight"],
                                    st["adapter_up.bias"])
-    expect.temperature = 3.0
     h, x = torch.randn(7, 56, dtype=torch.float64), torch.randn(7, d, dtype=torch.float64)
+
+    def at_3(b):  # every forward anneals the temperature (AdapterHub does it in eval too)
+        b.temperature = 3.0
+        return b
+
     for b in (pruned, expect, full):
         b.set_backend("reference")
-    torch.testing.assert_close(pruned(h, x), expect(h, x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(at_3(pruned)(h, x), at_3(expect)(h, x), rtol=1e-12, atol=1e-12)
     if len(ks) == N:
-        torch.testing.assert_close(pruned(h, x), full(h, x), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(at_3(pruned)(h, x), at_3(full)(h, x), rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="out of range"):
         T.prune_block(full, [3])
     with pytest.raises(ValueError, match="at least one"):
@@ -343,3 +352,373 @@ def test_ddp_two_processes_gloo(env):
     # each rank saw half of the 96 training examples per step: 2 epochs x ceil(48 / 32) steps
     assert m["task"]["global_step"] == 4
     assert os.path.isfile(os.path.join(m["fusion_dir"], "model_adapter_fusion.safetensors"))
+
+
+# ----------------------------------------------------------------------------- issue 13 item 4: never lose or fake work
+def _copy_task(env, tmp_path, name="routing"):
+    import shutil
+
+    dst = str(tmp_path / f"{name}_copy")
+    shutil.copytree(env["dirs"][name], dst)
+    return dst
+
+
+def test_resume_refuses_other_data_for_the_same_task(env, tmp_path, capsys):
+    """Found: --resume with another data file printed 'resumed ... best dev accuracy' and trained nothing."""
+    data = _copy_task(env, tmp_path)
+    out = str(tmp_path / "out")
+    args = _fusion_args(env, out, "--epochs", "1")
+    args[args.index("--task") + 1] = f"routing={data}"
+    first = T.run(args)
+    ck_path = os.path.join(out, "checkpoints", "fusion-routing.pt")
+    ck = T.load_checkpoint(ck_path)
+    assert ck["progress"]["finished"] and len(ck["fingerprint"]["data"]) == 64
+    # the same examples under another path: resumable (the hash is of the content, not the path)
+    same = _copy_task(env, tmp_path / "same")
+    again = list(args) + ["--resume"]
+    again[again.index("--task") + 1] = f"routing={same}"
+    res = T.run(again)
+    assert res["metrics"]["task"]["best_dev_accuracy"] == first["metrics"]["task"]["best_dev_accuracy"]
+    # one label changed: refused, with the reason, before anything is trained or written
+    with open(os.path.join(data, "train.json")) as f:
+        rows = json.load(f)
+    rows[0]["label"] = next(lab for lab in ("indoor_praise", "outdoor_complaint") if lab != rows[0]["label"])
+    with open(os.path.join(data, "train.json"), "w") as f:
+        json.dump(rows, f)
+    before = open(ck_path, "rb").read()
+    with pytest.raises(T.TrainError, match="different data"):
+        T.run(args + ["--resume"])
+    capsys.readouterr()
+    assert T.main(args + ["--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "different data for task 'routing'" in err and "--overwrite" in err
+    assert open(ck_path, "rb").read() == before
+    # a changed dev file is refused as well
+    os.rename(os.path.join(same, "dev.json"), os.path.join(same, "dev_old.json"))
+    with open(os.path.join(same, "dev_old.json")) as f:
+        dev = json.load(f)
+    with open(os.path.join(same, "dev.json"), "w") as f:
+        json.dump(dev[:-1], f)
+    with pytest.raises(T.TrainError, match="different data"):
+        T.run(again)
+
+
+def test_stage1_resume_checks_every_task_before_training_any(env, tmp_path):
+    data = _copy_task(env, tmp_path, "question")
+    out = str(tmp_path / "out")
+    args = ["adapters", "--model", env["model"], "--output-dir", out, "--task", f"question={data}",
+            "--task", f"sentiment={env['dirs']['sentiment']}", "--epochs", "1", "--lr", "1e-2", "--reduction-factor", "4",
+            "--stop-after-steps", "5"] + COMMON
+    assert T.main(args) == 3  # question done (4 steps), sentiment stopped after 5 of its 6 steps
+    with open(os.path.join(data, "train.csv")) as f:
+        text = f.read()
+    with open(os.path.join(data, "train.csv"), "w") as f:
+        f.write(text.replace("question", "statement", 1) if "question\n" in text else text + "one more ?,question\n")
+    before = {n: open(os.path.join(out, "checkpoints", f"adapters-{n}.pt"), "rb").read() for n in ("question", "sentiment")}
+    with pytest.raises(T.TrainError, match="different data for task 'question'"):
+        T.run([a for a in args if a not in ("--stop-after-steps", "5")] + ["--resume"])
+    assert {n: open(os.path.join(out, "checkpoints", f"adapters-{n}.pt"), "rb").read() for n in before} == before
+
+
+def test_used_output_dir_needs_overwrite_and_metrics_are_merged(env, tmp_path, capsys):
+    """Found: a second run without --resume replaced a 4-epoch adapter by a 1-epoch one and dropped
+    the other task from the metrics file."""
+    out = str(tmp_path / "out")
+    base = ["adapters", "--model", env["model"], "--output-dir", out, "--lr", "1e-2", "--reduction-factor", "4"] + COMMON
+    T.run(base + ["--task", f"question={env['dirs']['question']}", "--task", f"sentiment={env['dirs']['sentiment']}",
+                  "--epochs", "2"])
+    adapter = os.path.join(out, "adapters", "question", "adapter.safetensors")
+    saved = open(adapter, "rb").read()
+    metrics = open(os.path.join(out, "metrics_adapters.json")).read()
+    assert T.main(base + ["--task", f"question={env['dirs']['question']}", "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds results" in err and "--overwrite" in err and "--resume" in err and "adapters/question" in err
+    assert open(adapter, "rb").read() == saved and open(os.path.join(out, "metrics_adapters.json")).read() == metrics
+    # --overwrite replaces that task and keeps the other one's record
+    T.run(base + ["--task", f"question={env['dirs']['question']}", "--epochs", "1", "--overwrite"])
+    m = json.load(open(os.path.join(out, "metrics_adapters.json")))
+    assert set(m["tasks"]) == {"question", "sentiment"}
+    assert len(m["tasks"]["question"]["history"]) == 1 and len(m["tasks"]["sentiment"]["history"]) == 2
+    assert m["tasks"]["question"]["settings"]["epochs"] == 1 and m["tasks"]["sentiment"]["settings"]["epochs"] == 2
+    assert open(adapter, "rb").read() != saved
+    # a new task into the same directory needs no flag and is added
+    routing = ["--task", f"routing={env['dirs']['routing']}", "--epochs", "1"]
+    T.run(base + routing)
+    assert set(json.load(open(os.path.join(out, "metrics_adapters.json")))["tasks"]) == {"question", "sentiment", "routing"}
+    # stage 2: one record per target task
+    T.run(_fusion_args(env, out, "--epochs", "1", "--no-heatmap"))
+    question = _fusion_args(env, out, "--epochs", "1", "--no-heatmap")
+    question[question.index("--task") + 1] = f"question={env['dirs']['question']}"
+    T.run(question)
+    mf = json.load(open(os.path.join(out, "metrics_fusion.json")))
+    assert set(mf["targets"]) == {"routing", "question"} and mf["task"]["name"] == "question"
+    assert T.main(_fusion_args(env, out, "--epochs", "1", "--no-heatmap")) == 2
+    assert "fusion-routing" in capsys.readouterr().err
+
+
+def _fusion_full(env, root):
+    return T.run(_fusion_args(env, str(root / "full"), "--fusion-temperature", "--epochs", "2", "--no-heatmap"))
+
+
+def _same_training(a, b):
+    sa, sb = T.trainable_state(a["model"]), T.trainable_state(b["model"])
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]) if isinstance(sa[k], torch.Tensor) else sa[k] == sb[k], k
+    assert a["metrics"]["task"]["history"] == b["metrics"]["task"]["history"]
+
+
+@pytest.mark.parametrize("where", ["step", "sigint", "dev pass"])
+def test_ctrl_c_stops_cleanly_with_a_checkpoint_and_resumes_exactly(env, tmp_path, capsys, monkeypatch, where):
+    """Found: Ctrl-C printed a raw traceback and kept nothing."""
+    import signal
+
+    from afkern.train import loop
+
+    full = _fusion_full(env, tmp_path)
+    out = str(tmp_path / "run")
+    args = _fusion_args(env, out, "--fusion-temperature", "--epochs", "2", "--no-heatmap")
+    calls = {"n": 0}
+    real_step, real_eval = loop.train_step, loop.evaluate
+
+    def step(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5 and where == "step":
+            raise KeyboardInterrupt  # inside the step, before the optimizer update
+        if calls["n"] == 5 and where == "sigint":
+            os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C: this step finishes, then the loop stops
+        return real_step(*a, **k)
+
+    def evaluate(*a, **k):
+        acc = real_eval(*a, **k)  # the dev pass has annealed the temperature
+        if where == "dev pass":
+            raise KeyboardInterrupt
+        return acc
+
+    monkeypatch.setattr(loop, "train_step", step)
+    monkeypatch.setattr(loop, "evaluate", evaluate)
+    capsys.readouterr()
+    assert T.main(args) == 130
+    cap = capsys.readouterr()
+    assert "Traceback" not in cap.err and "--resume" in cap.err and "--resume" in cap.out
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    ck = T.load_checkpoint(os.path.join(out, "checkpoints", "fusion-routing.pt"))
+    assert ck["progress"]["global_step"] == {"step": 4, "sigint": 5, "dev pass": 3}[where]
+    # 3 steps per epoch; the dev pass at the end of epoch 1 (2 batches) anneals too, unless it was interrupted
+    forwards = ck["progress"]["global_step"] + (2 if ck["progress"]["epoch"] == 1 else 0)
+    assert all(v == pytest.approx(50 - 0.05 * forwards) for v in ck["temperatures"].values())
+    monkeypatch.undo()
+    _same_training(full, T.run(args + ["--resume"]))
+
+
+def test_ctrl_c_in_a_real_process_keeps_a_checkpoint(env, tmp_path):
+    import signal
+    import time
+
+    out = str(tmp_path / "run")
+    cmd = [sys.executable, "-m", "afkern.train"] + _fusion_args(env, out, "--epochs", "500", "--patience", "0")
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
+    lines = []
+    t0 = time.time()
+    while time.time() - t0 < 120:
+        line = p.stdout.readline()
+        lines.append(line)
+        if "epoch 2/500" in line or not line:
+            break
+    p.send_signal(signal.SIGINT)
+    rest, err = p.communicate(timeout=120)
+    assert p.returncode == 130, "".join(lines) + rest + err
+    assert "Traceback" not in err and "--resume" in err
+    ck = T.load_checkpoint(os.path.join(out, "checkpoints", "fusion-routing.pt"))
+    assert ck["progress"]["global_step"] >= 6 and not ck["progress"]["finished"]
+
+
+def test_missing_extra_is_refused_before_training(env, tmp_path, capsys, monkeypatch):
+    """Found: without matplotlib `fusion` trained to the end, then crashed in the heatmap before
+    writing its metrics."""
+    import importlib.util as iu
+
+    real = iu.find_spec
+    monkeypatch.setattr(iu, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    out = str(tmp_path / "out")
+    for argv in (_fusion_args(env, out), ["demo", "--quick", "--model", env["model"], "--output-dir", out]):
+        err = _run_err(capsys, argv)
+        assert 'pip install "afkern[train]"' in err and "matplotlib" in err and "--no-heatmap" in err
+        assert not os.path.exists(out)
+    res = T.run(_fusion_args(env, out, "--epochs", "1", "--no-heatmap"))
+    m = json.load(open(os.path.join(out, "metrics_fusion.json")))
+    assert m["heatmap"] is None and m["task"]["best_dev_accuracy"] == res["metrics"]["task"]["best_dev_accuracy"]
+    assert not os.path.exists(os.path.join(out, "fusion_weights-routing.png"))
+
+
+def test_metrics_are_written_before_the_figure(env, tmp_path, capsys, monkeypatch):
+    from afkern.train import stages
+
+    def broken(*a, **k):
+        raise RuntimeError("no display")
+
+    monkeypatch.setattr(stages, "plot_fusion_weights", broken)
+    out = str(tmp_path / "out")
+    assert T.main(_fusion_args(env, out, "--epochs", "1", "--prune-k", "1")) == 0
+    assert "heatmap" in capsys.readouterr().err
+    m = json.load(open(os.path.join(out, "metrics_fusion.json")))
+    assert m["heatmap"] is None and "no display" in m["heatmap_error"]
+    assert m["task"]["best_dev_accuracy"] >= 0 and m["pruning"]["k"] == 1 and m["mean_fusion_weights"]
+
+
+def test_prune_k_saves_a_pruned_model_that_reloads_exactly(env, tmp_path):
+    """Found: --prune-k reported accuracy and speed but saved no pruned model."""
+    out = str(tmp_path / "out")
+    res = T.run(_fusion_args(env, out, "--prune-k", "1", "--fusion-temperature"))
+    m = json.load(open(os.path.join(out, "metrics_fusion.json")))
+    path = m["pruning"]["saved"]
+    assert path == os.path.join(out, "fusion-routing", "pruned-k1.json") and os.path.isfile(path)
+    spec = json.load(open(path))
+    assert spec["kept"] == m["pruning"]["kept"] and spec["adapters"] == ["question", "sentiment"]
+    pruned = res["pruned_model"].eval()
+    assert [b.n_adapters for _, b in afkern.fused_blocks(pruned.encoder)] == [1, 1]
+    back = T.load_classifier(env["model"], m["saved_adapter_dirs"], m["head_dir"], m["fusion_dir"], pruned=path)
+    assert {n: b.adapter_names for n, b in afkern.fused_blocks(back.encoder)} == spec["kept"]
+    assert {n: b.temperature for n, b in afkern.fused_blocks(back.encoder)} == \
+        {n: b.temperature for n, b in afkern.fused_blocks(pruned.encoder)} != {}
+    batch = _batch(env["model"], ["honestly the soup felt awful today .", "the tennis and the goal were superb ."])
+    with torch.no_grad():
+        torch.testing.assert_close(back(**batch), pruned(**batch), rtol=0, atol=0)
+    # the full fusion reloads with its annealed temperature as well
+    full = T.load_classifier(env["model"], m["saved_adapter_dirs"], m["head_dir"], m["fusion_dir"])
+    with torch.no_grad():
+        torch.testing.assert_close(full(**batch), res["model"].eval()(**batch), rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- data errors
+def _write(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+    return str(path)
+
+
+def test_data_errors_name_file_and_line(tmp_path):
+    csv_p = _write(tmp_path / "a.csv", "text,label\nthe pizza,good\n ,bad\nthe soup,bad\n")
+    with pytest.raises(DataError, match=f"{csv_p} line 3: empty"):
+        load_task("a", csv_p)
+    jl = _write(tmp_path / "a.jsonl", '{"text": "x", "label": 0}\n\n{"text": "y", "label": 1}\n{"text": 3, "label": 0}\n')
+    with pytest.raises(DataError, match=f"{jl} line 4: empty or non-text 'text'"):
+        load_task("a", jl)
+    js = _write(tmp_path / "a.json", '[\n  {"text": "x", "label": 0},\n  {"text": "y",\n   "label": 1},\n  {"text": "z"}\n]\n')
+    with pytest.raises(DataError, match=f"{js} line 5: no 'label'"):
+        load_task("a", js)
+    tr = _write(tmp_path / "tr.csv", "text,label\na,x\nb,y\n")
+    dv = _write(tmp_path / "dv.csv", "text,label\nc,x\nd,z\n")
+    with pytest.raises(DataError, match=f"{dv} line 3: label 'z', outside"):
+        load_task("a", tr, dv)
+
+
+def test_missing_column_suggests_the_options(env, tmp_path, capsys):
+    p = _write(tmp_path / "c.csv", "sentence,target\nhello there,a\nbye now,b\n")
+    err = _run_err(capsys, ["adapters", "--model", env["model"], "--output-dir", str(tmp_path / "o"), "--task", f"x={p}"])
+    assert "--text-column" in err and "--label-column" in err and "'sentence'" in err
+    with pytest.raises(DataError, match="--label-column") as e:
+        load_task("x", p, text_column="sentence")
+    assert "--text-column" not in str(e.value)
+    assert load_task("x", p, text_column="sentence", label_column="target", dev_fraction=0.5).label_names == ["a", "b"]
+
+
+def test_labels_are_checked_before_the_dev_split(tmp_path):
+    import random
+
+    n, seed = 20, 0
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    held = order[0]  # held out as dev with dev_fraction 0.1
+    rows = [{"text": f"example {i}", "label": "c" if i == held else "ab"[i % 2]} for i in range(n)]
+    write_jsonl(str(tmp_path / "t.jsonl"), rows)
+    t = load_task("t", str(tmp_path / "t.jsonl"), dev_fraction=0.1, seed=seed)
+    assert t.label_names == ["a", "b", "c"] and t.dev_labels.count(2) == 1 and len(t.dev_text) == 2
+    rows[held]["label"] = 2
+    for r in rows:
+        r["label"] = 2 if r["label"] in ("c", 2) else "ab".index(r["label"])
+    write_jsonl(str(tmp_path / "i.jsonl"), rows)
+    with pytest.raises(DataError, match=f"{tmp_path / 'i.jsonl'} line {held + 1}: label 2, outside"):
+        load_task("i", str(tmp_path / "i.jsonl"), num_labels=2, dev_fraction=0.1, seed=seed)
+
+
+def test_tsv_and_float_labels(tmp_path):
+    rows = "".join(f"the pizza {i}\t{i % 2}.0\n" for i in range(10))
+    a = load_task("a", _write(tmp_path / "a.tsv", "text\tlabel\n" + rows), dev_fraction=0.2)
+    b = load_task("b", _write(tmp_path / "b.csv", "text\tlabel\n" + rows), dev_fraction=0.2)  # tab-separated .csv
+    assert a.label_names == ["0", "1"] and (a.train_text, a.train_labels) == (b.train_text, b.train_labels)
+    assert a.train_text[0].startswith("the pizza") and set(a.train_labels) == {0, 1}
+    js = tmp_path / "f.json"
+    js.write_text(json.dumps([{"text": f"t {i}", "label": [0.0, 1.0, 2][i % 3]} for i in range(9)] + [{"text": "u", "label": "1"}]))
+    c = load_task("c", str(js), dev_fraction=0.2)
+    assert c.label_names == ["0", "1", "2"] and sorted(set(c.train_labels + c.dev_labels)) == [0, 1, 2]
+    js.write_text("[\n" + ",\n".join(json.dumps({"text": f"t {i}", "label": [0.0, 0.5][i % 2]}) for i in range(6)) + "\n]")
+    with pytest.raises(DataError, match="line 3: label 0.5 is not a whole number"):
+        load_task("c", str(js))
+    (tmp_path / "dir").mkdir()
+    _write(tmp_path / "dir" / "train.tsv", "text\tlabel\n" + rows)
+    _write(tmp_path / "dir" / "dev.tsv", "text\tlabel\nthe soup\t1\n")
+    d = load_task("d", str(tmp_path / "dir"))
+    assert len(d.train_text) == 10 and d.dev_labels == [1]
+    # TSV does not quote (GLUE's files): a text that starts with a quote stays on its line
+    g = _write(tmp_path / "g.tsv", 'sentence\tlabel\n" the movie is good\t1\nit \'s a "charming" film\t1\n"bad"\t"0"\n')
+    e = load_task("g", g, str(g), text_column="sentence")
+    assert e.train_text == ['" the movie is good', 'it \'s a "charming" film', "bad"] and e.train_labels == [1, 1, 0]
+
+
+def test_help_shows_each_default_once(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")  # one line per option
+    p = T.build_parser()
+    sub = next(a for a in p._actions if a.dest == "command")
+    for name, sp in sub.choices.items():
+        text = sp.format_help()
+        assert "(default: None)" not in text, name
+        for line in text.splitlines():
+            assert line.lower().count("default") <= 1, (name, line)
+        assert "(default: 0.1)" in text and "(default: 64)" in text
+
+
+def test_demo_refuses_its_old_output_resumes_and_overwrites(tmp_path, capsys):
+    model = _tiny_model(tmp_path / "m")
+    out = str(tmp_path / "demo")
+    args = ["demo", "--quick", "--model", model, "--output-dir", out, "--no-progress", "--adapter-epochs", "1",
+            "--fusion-epochs", "1", "--no-heatmap"]
+    T.run(args)
+    first = json.load(open(os.path.join(out, "metrics_demo.json")))
+    capsys.readouterr()
+    assert T.main(args) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert json.load(open(os.path.join(out, "metrics_demo.json"))) == first
+    T.run(args + ["--resume"])  # every stage finished: reloaded, not retrained
+    text = capsys.readouterr().out
+    assert "not retrained" in text and "epoch 1/1" not in text
+    again = json.load(open(os.path.join(out, "metrics_demo.json")))
+    for k in ("single_adapter_dev_accuracy", "fusion_dev_accuracy", "source_dev_accuracy"):
+        assert again[k] == first[k], k
+    T.run(args + ["--overwrite"])
+    assert "epoch 1/1" in capsys.readouterr().out
+
+
+def test_afkern_data_still_imports():
+    import afkern.data as D
+
+    assert D.make_demo_tasks is T.make_demo_tasks and D.DataError is T.DataError and D.load_task is T.load_task
+
+
+def test_metrics_files_of_older_runs_are_kept(tmp_path):
+    from afkern.train import metrics as M
+
+    legacy = {"task": {"best_dev_accuracy": 0.5}, "fusion_dir": str(tmp_path / "fusion-rte" / "a,b")}
+    with open(tmp_path / "metrics_fusion.json", "w") as f:
+        json.dump(legacy, f)
+    M.write_fusion_metrics(str(tmp_path), {"task": {"name": "sst2", "best_dev_accuracy": 0.9}})
+    m = json.load(open(tmp_path / "metrics_fusion.json"))
+    assert set(m["targets"]) == {"rte", "sst2"} and m["targets"]["rte"]["task"]["best_dev_accuracy"] == 0.5
+    assert m["task"]["name"] == "sst2"
+    (tmp_path / "metrics_adapters.json").write_text("{not json")
+    with pytest.raises(T.TrainError, match="--overwrite"):
+        M.write_adapter_metrics(str(tmp_path), {"tasks": {"a": {}}})
+    assert (tmp_path / "metrics_adapters.json").read_text() == "{not json"
+    M.write_adapter_metrics(str(tmp_path), {"tasks": {"a": {}}}, overwrite=True)
+    assert json.load(open(tmp_path / "metrics_adapters.json"))["tasks"] == {"a": {}}

@@ -1,0 +1,251 @@
+"""The models a benchmark case runs, built per model *family*, all with identical weights.
+
+For a family (``--family``; BERT now) and a number N of fused adapters, :class:`Setup` builds
+
+* ``am``: AdapterHub's model, ``adapters.init(base model)`` with N ``SeqBnConfig`` adapters
+  (reduction factor from :class:`BenchShape`) and an active ``Fuse(task0, ..., task{N-1})``
+  (``None`` when ``adapters`` does not import);
+* ``fm``: afkern's model, ``afkern.from_adapterhub(am, backend="reference")`` -- the same weights
+  (without ``adapters``: the family's afkern patcher on a fresh model, AdapterHub's initialisation);
+* ``pm``: the plain base model without adapters, carrying every weight the two share.
+
+Adapter and fusion weights are then perturbed (:func:`perturb`): the initialisations give a
+fusion softmax p ~ 1/N, under which a wrong score path would go unseen by the correctness guard.
+Query/key weights get std ``0.05 * sqrt(64 / d)`` (scores grow like d * std_q * std_k, so this
+keeps the softmax peaked but not one-hot), other adapter weights 0.05, biases 0.02; the value
+matrix gets 0.01 on top of its near-identity init. BERT's own weights are never touched.
+
+Every model is in ``eval()`` mode (dropout off, one deterministic function) with every weight
+frozen except the fusions' query, key and value: fusion training, the workload of the benchmarks'
+gradient modes.
+
+A :class:`Family` says how to build and drive one architecture; adding GPT-2 or Llama is one more
+entry in :data:`FAMILIES` (config builder, model class, where the fused site sits, how to call a
+layer), plus afkern's patcher and ``from_adapterhub`` support for that family.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+__all__ = ["BenchShape", "Family", "FAMILIES", "get_family", "Setup", "perturb", "adapters_available"]
+
+
+@dataclass(frozen=True)
+class BenchShape:
+    """Model width. Defaults: BERT-base (d=768, intermediate 3072, 12 heads), r = d / 16 = 48."""
+
+    hidden: int = 768
+    intermediate: int = 3072
+    heads: int = 12
+    reduction_factor: int = 16
+
+    @property
+    def bottleneck(self) -> int:
+        return self.hidden // self.reduction_factor
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` (naming the CLI options) for a width no model can have."""
+        if self.hidden % self.heads:
+            raise ValueError(f"--hidden-size {self.hidden} must be a multiple of --heads {self.heads}")
+        if self.hidden % self.reduction_factor:
+            raise ValueError(f"--hidden-size {self.hidden} must be a multiple of --reduction-factor {self.reduction_factor}")
+
+
+@dataclass(frozen=True)
+class Family:
+    """How the benchmark builds and drives one model family.
+
+    ``config(shape, layers, seq_len)`` -> a transformers config; ``model(config)`` -> a randomly
+    initialised base model (``model(inputs_embeds=[B, S, d]).last_hidden_state`` -> [B, S, d]);
+    ``patch(model, names, backend)`` -> that model with afkern's fused blocks (used only when
+    ``adapters`` is missing); ``layers(model)`` -> its transformer layers; ``site(layer)`` -> the
+    module of a layer where the adapters and the fusion sit (AdapterHub's
+    ``adapter_fusion_layer`` lives in it; afkern puts its ``FusedAdapterBlock`` there), called as
+    ``site(hidden_states [B, S, block_in[0]], input_tensor [B, S, block_in[1]]) -> [B, S, d]``;
+    ``block_in(shape)`` -> those two input widths; ``call_layer(layer, x [B, S, d])`` -> one plain
+    layer's output [B, S, d]."""
+
+    name: str
+    config: Callable[[BenchShape, int, int], Any]
+    model: Callable[[Any], nn.Module]
+    patch: Callable[[nn.Module, List[str], str], nn.Module]
+    layers: Callable[[nn.Module], Sequence[nn.Module]]
+    site: Callable[[nn.Module], nn.Module]
+    block_in: Callable[[BenchShape], Tuple[int, int]]
+    call_layer: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    description: str = ""
+
+
+def _bert_config(shape: BenchShape, layers: int, seq_len: int):
+    from transformers import BertConfig
+
+    shape.validate()
+    return BertConfig(
+        vocab_size=128,  # inputs are embeddings; a small vocabulary keeps memory and build time down
+        hidden_size=shape.hidden, intermediate_size=shape.intermediate, num_hidden_layers=layers,
+        num_attention_heads=shape.heads, max_position_embeddings=max(512, seq_len),
+    )
+
+
+def _bert_model(config) -> nn.Module:
+    from transformers import BertModel
+
+    return BertModel(config)
+
+
+def _bert_patch(model: nn.Module, names: List[str], backend: str) -> nn.Module:
+    import afkern
+
+    return afkern.patch_bert(model, names, backend=backend)
+
+
+def _first(out) -> torch.Tensor:
+    """The hidden states of a layer's output (a tensor, or a tuple whose first item is one)."""
+    return out if isinstance(out, torch.Tensor) else out[0]
+
+
+FAMILIES: Dict[str, Family] = {
+    "bert": Family(
+        "bert", _bert_config, _bert_model, _bert_patch,
+        layers=lambda m: m.encoder.layer,
+        site=lambda layer: layer.output,  # BertOutput: dense + dropout + adapters + fusion + LayerNorm
+        block_in=lambda s: (s.intermediate, s.hidden),
+        call_layer=lambda layer, x: _first(layer(x)),
+        description="BERT encoder; the fusion after each layer's feed-forward (BertOutput)",
+    ),
+}
+
+
+def get_family(name: str) -> Family:
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise ValueError(f"unknown model family {name!r}; expected one of {sorted(FAMILIES)}") from None
+
+
+def adapters_available() -> Tuple[bool, str]:
+    try:
+        import adapters  # noqa: F401
+    except Exception as exc:
+        return False, f"the adapters package is not importable ({exc}); pip install adapters"
+    return True, "ok"
+
+
+# AdapterHub's parameter names (the same in every family adapters supports).
+_HUB_ADAPTER = re.compile(r"\.adapters\.[^.]+\.adapter_(down|up)\.")
+_HUB_QK = re.compile(r"\.adapter_fusion_layer\.[^.]+\.(query|key)\.")
+_HUB_V = re.compile(r"\.adapter_fusion_layer\.[^.]+\.value\.")
+# afkern's, relative to a FusedAdapterBlock.
+_AF_ADAPTER = re.compile(r"^(down|up)_(weight|bias)$")
+_AF_QK = re.compile(r"^(query|key)\.")
+_AF_V = re.compile(r"^value\.")
+
+
+def _role(name: str, blocks: Sequence[str]) -> str:
+    """``"adapter"``, ``"qk"``, ``"v"`` or ``""`` (not an adapter/fusion weight) for a parameter name."""
+    for pat, role in ((_HUB_ADAPTER, "adapter"), (_HUB_QK, "qk"), (_HUB_V, "v")):
+        if pat.search(name):
+            return role
+    for b in blocks:
+        if name.startswith(b + "."):
+            rest = name[len(b) + 1:]
+            for pat, role in ((_AF_ADAPTER, "adapter"), (_AF_QK, "qk"), (_AF_V, "v")):
+                if pat.search(rest):
+                    return role
+    return ""
+
+
+@torch.no_grad()
+def perturb(module: nn.Module, generator: torch.Generator) -> None:
+    """Adapter and fusion weights of ``module`` (AdapterHub's or afkern's) set as the module doc
+    says. One draw per parameter, in ``named_parameters`` order, whatever its role, so the weights
+    do not depend on which parameters are perturbed."""
+    import afkern
+
+    blocks = [n for n, _ in afkern.fused_blocks(module)]
+    for name, p in module.named_parameters():
+        noise = torch.randn(p.shape, generator=generator).to(p)
+        role = _role(name, blocks)
+        if role == "qk" and p.dim() > 1:
+            p.copy_(noise * 0.05 * (64.0 / p.shape[-1]) ** 0.5)
+        elif role in ("adapter", "qk"):
+            p.copy_(noise * (0.05 if p.dim() > 1 else 0.02))
+        elif role == "v":
+            p.add_(noise * 0.01)
+
+
+def freeze_except_fusion(model: nn.Module) -> None:
+    """Every weight frozen except the fusions' query, key and value (AdapterHub's and afkern's)."""
+    import afkern
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for m in model.modules():
+        if isinstance(m, afkern.FusedAdapterBlock):
+            for lin in (m.query, m.key, m.value):
+                if lin is not None:
+                    for p in lin.parameters():
+                        p.requires_grad_(True)
+        fl = getattr(m, "adapter_fusion_layer", None)
+        if isinstance(fl, nn.ModuleDict):
+            for p in fl.parameters():
+                p.requires_grad_(True)
+
+
+class Setup:
+    """The models of one benchmark point (family, N, layers) with identical weights: ``am``,
+    ``fm``, ``pm`` as the module doc says, on ``device`` in ``dtype``, ``eval()`` mode."""
+
+    def __init__(self, shape: BenchShape, n: int, layers: int, seq_len: int, device, dtype, seed: int = 0,
+                 family: str = "bert"):
+        import afkern
+
+        self.family = get_family(family)
+        self.shape, self.n, self.layers, self.device, self.dtype = shape, n, layers, torch.device(device), dtype
+        self.names = [f"task{i}" for i in range(n)]
+        gen = torch.Generator().manual_seed(seed + 1000 * n + layers)
+        torch.manual_seed(seed)
+        config = self.family.config(shape, layers, seq_len)
+        ok, self.adapters_reason = adapters_available()
+        self.am, self.fusion_name = None, None
+        if ok:
+            import adapters
+            from adapters import SeqBnConfig
+            from adapters.composition import Fuse
+
+            am = self.family.model(config)
+            adapters.init(am)
+            for name in self.names:
+                am.add_adapter(name, config=SeqBnConfig(reduction_factor=shape.reduction_factor))
+            fuse = Fuse(*self.names)
+            am.add_adapter_fusion(fuse)
+            am.set_active_adapters(fuse)
+            perturb(am, gen)
+            am.eval()
+            fm = afkern.from_adapterhub(am, backend="reference")
+            self.am = am.to(device=self.device, dtype=dtype)
+            self.fusion_name = fuse.name
+        else:  # afkern alone: AdapterHub's initialisation through the family's patcher, same perturbation
+            fm = self.family.patch(self.family.model(config), self.names, "reference")
+            perturb(fm, gen)
+        pm = self.family.model(config)
+        src = self.am if self.am is not None else fm
+        # the shared weights by name; the adapters' and the fusions' are the unexpected keys
+        missing, _ = pm.load_state_dict(src.state_dict(), strict=False)
+        if missing:
+            raise RuntimeError(f"the plain {self.family.name} model lacks weights of the adapted one: {missing[:5]}")
+        self.fm = fm.to(device=self.device, dtype=dtype).eval()
+        self.pm = pm.to(device=self.device, dtype=dtype).eval()
+        for m in (self.am, self.fm, self.pm):
+            if m is not None:
+                freeze_except_fusion(m)
+
+    def site(self, model: nn.Module, layer: int = 0) -> nn.Module:
+        """The fused site (AdapterHub's or afkern's; the plain module for ``pm``) of one layer."""
+        return self.family.site(self.family.layers(model)[layer])
