@@ -1,50 +1,479 @@
 #!/usr/bin/env bash
-# GPU validation of afkern, for a session that has a CUDA GPU (H100/H200 here). Not part of CI
-# (CI has no GPU). Run from the repository root on the GPU machine:
+# GPU validation of afkern in stages, each callable alone, for the lent GPU machine (H100/H200).
+# Not part of CI (CI has no GPU). docs/GPU_RUNBOOK.md gives the exact device-tool call of each
+# stage, its timeout and carry list, and what to commit afterwards.
 #
-#   bash scripts/gpu_validate.sh            # build, GPU tests, benchmark; results under $OUT or out/gpu
+#   bash scripts/gpu_validate.sh STAGE [STAGE ...]         (run from anywhere; default: build tests)
 #
-# What it does, in order, each step logged to $RESULTS/*.log:
-#   1. builds the CUDA extension against the machine's torch (AFKERN_FORCE_CUDA_BUILD=1),
-#   2. runs the kernel tests on the device (AFKERN_TEST_GPU=1: Triton compiled, not interpreted;
-#      the CUDA ops against the reference, opcheck),
-#   3. runs afkern-bench in bfloat16 on the device with every afkern provider (and `adapters`
-#      when installed) and writes benchmarks/results/<gpu-name>/ (commit it with the device name).
-# The GPU image has torch, triton and transformers but maybe not pytest/adapters: missing wheels
-# can be carried (see the device tool's README); the steps that need them say so and go on.
+# Stages (run in the order given; every stage installs what it needs, so each works alone on a
+# fresh machine):
+#   build        build afkern's CUDA extension against this machine's torch; keep it for later calls
+#                (.gpu/ext/, packed into carry.tar.gz)                                    ~1.5-2.5 min
+#   tests        the kernel tests on the GPU: every entry of scripts/gpu_tests.txt, one process each,
+#                AFKERN_TEST_GPU=1 (Triton compiled), AFKERN_EXPECT_EXTENSION=1; missing files are
+#                reported, not failed                                                     ~3-5 min
+#   ceilings     the card's copy bandwidth and 8192^3 matmul rates (scripts/gpu_ceilings.py) ~0.5 min
+#   quick        afkern-bench, bf16, every provider, block N=1,16,64 and the 12-layer model at N=16,
+#                T=4096, + the roofline report                                            ~3-4 min
+#   autotune     Triton configs at BERT-base/large widths -> kernels/tuned_configs.json   ~3-4 min
+#   bench-block  full benchmark, block, N=1..64, T=4096, forward/backward/full            ~3-5 min
+#   bench-infer  full benchmark, 12-layer model, N=1..64, T=4096, inference               ~3-5 min
+#   bench-train  full benchmark, 12-layer model, N=1..64, T=4096, a fusion-training step  ~4-7 min
+#   report       the roofline/auto report over every benchmark folder of this device (no GPU work)
+# Aliases: day1 = build tests; full = bench-block bench-infer bench-train;
+#          all = build tests ceilings quick autotune bench-block bench-infer bench-train (several calls' worth)
+# The benchmark stages measure the ceilings first when this device has none yet (+0.5 min).
+#
+# What comes back (at most 4 files under $OUT, each < 16 MiB; default out/gpu):
+#   summary.txt      every stage's short table and the stage table (also printed last)
+#   logs.tar.gz      out/gpu-logs/: every log, JUnit XML, env.txt
+#   results.tar.gz   benchmarks/results/gpu-*/<device-slug>/ (+ kernels/tuned_configs.json): extract at
+#                    the repository root (tar xzf results.tar.gz) and commit
+#   carry.tar.gz     .gpu/ (the built extension and the Triton kernel cache; the extension alone when
+#                    .gpu passes 38 MiB, so that .gpu + .whl + the tree stay under the 64 MiB a call
+#                    may carry): extract at the root and carry ".gpu" in later calls, so they
+#                    neither rebuild nor recompile
+#
+# Time: no stage starts, and a running test or benchmark is stopped (SIGINT; afkern-bench keeps
+# what it measured, row by row), when fewer than AFKERN_GPU_RESERVE_S (25) seconds would remain
+# before AFKERN_GPU_DEADLINE_S (default 540 s from the start): set it below the call's timeout_s so
+# that the packing always runs.
+#
+# Environment: PYTHON (python3), OUT, AFKERN_GPU_DEADLINE_S, AFKERN_GPU_RESERVE_S,
+#   AFKERN_GPU_TESTS (the test list, scripts/gpu_tests.txt), AFKERN_GPU_TEST_TIMEOUT (per entry, 240),
+#   AFKERN_GPU_TEST_ONLY (a regex: only the list's entries that match it, e.g. to finish in a second call),
+#   AFKERN_GPU_NS (1,2,4,8,16,32,64), AFKERN_GPU_TOKENS (4096), AFKERN_GPU_LAYERS (12),
+#   AFKERN_GPU_PROVIDERS (plain,plain_layer,reference,adapters,torch,triton,cuda),
+#   AFKERN_GPU_BENCH_ARGS (appended to every afkern-bench call), AFKERN_GPU_TAG (a suffix of the
+#   results folder, gpu-<part><tag>: a part split over two calls must not overwrite its first half),
+#   AFKERN_GPU_HUB (auto: the AdapterHub stack of .whl/hub when present; 0: never; 1: required),
+#   AFKERN_GPU_DRY=1 (the dry run on a CPU: tiny sizes, device cpu, results under out/gpu-dry/),
+#   AFKERN_GPU_SLUG (the device's results folder name; default: asked of torch -- set it to run
+#   `report` on this machine over a GPU's results), MAX_JOBS (16; the extension build).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-RESULTS="${OUT:-$ROOT/out/gpu}"
-mkdir -p "$RESULTS"
 PY="${PYTHON:-python3}"
-status=0
+DRY="${AFKERN_GPU_DRY:-0}"
+T0=$(date +%s)
+DEADLINE=$(( T0 + ${AFKERN_GPU_DEADLINE_S:-540} ))
+RESERVE="${AFKERN_GPU_RESERVE_S:-25}"
 
-echo "== device"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$RESULTS/device.txt"
-$PY -c "import torch, triton, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$RESULTS/device.txt"
-
-echo "== 1. build the CUDA extension"
-if AFKERN_FORCE_CUDA_BUILD=1 MAX_JOBS=8 $PY -m pip install --no-deps --no-build-isolation -e . > "$RESULTS/build.log" 2>&1; then
-    $PY -c "import afkern.backends.cuda_ops as c; print('extension:', c.extension_status())" | tee -a "$RESULTS/build.log"
+if [ "$DRY" = "1" ]; then
+    BASE="out/gpu-dry"
+    OUTDIR="${OUT:-$ROOT/$BASE/OUT}"
+    RESULTS_ROOT="$BASE/results"
+    CARRY="$BASE/carry"
+    TUNED_FILE="$BASE/tuned_configs.json"
+    LOGS="$ROOT/$BASE/logs"
+    SITE="${AFKERN_GPU_SITE:-/tmp/afkern-gpu-dry-site}"
+    export MAX_JOBS="${MAX_JOBS:-2}" AFKERN_GPU_DRY=1
 else
-    echo "build FAILED (see build.log)"; tail -30 "$RESULTS/build.log"; status=1
+    OUTDIR="${OUT:-$ROOT/out/gpu}"
+    RESULTS_ROOT="benchmarks/results"
+    CARRY=".gpu"
+    TUNED_FILE="kernels/tuned_configs.json"
+    LOGS="$ROOT/out/gpu-logs"
+    SITE="${AFKERN_GPU_SITE:-/tmp/afkern-gpu-site}"
+    export MAX_JOBS="${MAX_JOBS:-16}"
 fi
+HUB_SITE="$SITE-hub"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export TRITON_CACHE_DIR="$ROOT/$CARRY/triton-cache"
+export AFKERN_TUNED_CONFIGS="$ROOT/$TUNED_FILE"
+STAGES_TSV="$LOGS/stages.tsv"
+SLUG="${AFKERN_GPU_SLUG:-}"  # the results folder of the device; set it to report here on a GPU's results
+READY=""
+BENCH_PP=""
+OVERALL=0
 
-echo "== 2. kernel tests on the GPU"
-if $PY -c "import pytest" 2>/dev/null; then
-    AFKERN_TEST_GPU=1 AFKERN_EXPECT_EXTENSION=1 $PY -m pytest -q -rs tests/test_triton_fusion.py tests/test_cuda_ext.py \
-        tests/test_fusion.py tests/test_block.py 2>&1 | tee "$RESULTS/gpu_tests.log" | tail -15
-    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-else
-    echo "pytest is not installed here: carry its wheel (device README) to run the GPU tests" | tee "$RESULTS/gpu_tests.log"
-    status=1
+# ------------------------------------------------------------------------------------------ helpers
+now() { date +%s; }
+left() { echo $(( DEADLINE - $(now) )); }
+log() { echo "[gpu_validate +$(( $(now) - T0 ))s] $*"; }
+record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >> "$STAGES_TSV"; [ "$2" = ok ] || [ "$2" = skipped ] || OVERALL=1; }
+budget() { local cap=$1 l; l=$(( $(left) - RESERVE )); echo $(( l < cap ? l : cap )); }
+safepy() { env PYTHONPATH="${PYTHONPATH:-}" PYTHONSAFEPATH=1 "$@"; }  # never the source tree's afkern/ (no kernels, no _C)
+
+usage() { sed -n '2,/^set -uo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
+
+env_header() {
+    [ -f "$LOGS/env.txt" ] && return 0
+    {
+        echo "date: $(date -Is)  host: $(hostname)  dry: $DRY"
+        if command -v nvidia-smi >/dev/null 2>&1; then
+            nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw \
+                --format=csv,noheader 2>&1
+        else
+            echo "nvidia-smi: not here"
+        fi
+        "$PY" - <<'EOF' 2>&1
+import importlib, platform, sys
+import torch
+line = [f"python {platform.python_version()} ({sys.executable})", f"torch {torch.__version__} (CUDA {torch.version.cuda})"]
+for m in ("triton", "transformers", "pytest", "numpy", "setuptools"):
+    try:
+        line.append(f"{m} {importlib.import_module(m).__version__}")
+    except Exception as e:
+        line.append(f"{m} -")
+print(", ".join(line))
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"cuda device: {p.name}, sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, {p.total_memory / 2**30:.1f} GiB")
+EOF
+        (command -v nvcc >/dev/null 2>&1 && nvcc --version | tail -n 2 | head -n 1) || echo "nvcc: not on PATH"
+    } > "$LOGS/env.txt" 2>&1
+    sed 's/^/  /' "$LOGS/env.txt"
+}
+
+find_cuda_home() {
+    [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/nvcc" ] && return 0
+    local nvcc here
+    nvcc="$(command -v nvcc || true)"
+    [ -z "$nvcc" ] && for d in /usr/local/cuda /usr/local/cuda-13.0; do [ -x "$d/bin/nvcc" ] && nvcc="$d/bin/nvcc" && break; done
+    [ -z "$nvcc" ] && return 1
+    here="$("$nvcc" --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ _HERE_=//p' | head -n1)"
+    if [ -n "$here" ] && [ -x "$here/nvcc" ]; then export CUDA_HOME="$(cd "$here/.." && pwd)"
+    else export CUDA_HOME="$(cd "$(dirname "$(readlink -f "$nvcc")")/.." && pwd)"; fi
+    export PATH="$CUDA_HOME/bin:$PATH"
+}
+
+torch_cuda() { "$PY" -c "import torch; print(torch.version.cuda or '')" 2>/dev/null; }
+gpu_present() { "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; }
+carried_so() { ls "$ROOT/$CARRY"/ext/_C*.so 2>/dev/null | head -n1; }
+
+# Install afkern (and the extension) into $SITE/pkgs, outside the source tree. $1 = build: build
+# the extension now; else use the carried one (.gpu/ext), or build it if none is carried.
+BUILD_NOTE=""
+ensure_afkern() {
+    local want_build=0 so rc t1
+    [ -n "$READY" ] && [ "${1:-}" != build ] && return 0
+    rm -rf "$SITE/pkgs"; mkdir -p "$SITE/pkgs"
+    if compgen -G "$ROOT/.whl/*.whl" >/dev/null; then  # extra wheels for the main environment, if any
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE/deps" \
+            "$ROOT"/.whl/*.whl > "$LOGS/wheels.log" 2>&1 || log "WARNING: .whl/*.whl did not install (wheels.log)"
+    fi
+    so="$(carried_so)"
+    if [ "${1:-}" = build ]; then want_build=1
+    elif [ -z "$so" ] && [ "$DRY" != 1 ] && [ -n "$(torch_cuda)" ]; then
+        log "no carried extension ($CARRY/ext): building it now (carry .gpu next time)"; want_build=1
+    fi
+    if [ $want_build = 1 ] && [ -z "$(torch_cuda)" ]; then
+        BUILD_NOTE="SKIPPED: torch $("$PY" -c 'import torch; print(torch.__version__)') is a CPU build"
+        log "$BUILD_NOTE"; want_build=0
+    fi
+    if [ $want_build = 1 ] && ! find_cuda_home; then
+        BUILD_NOTE="FAILED: no nvcc (set CUDA_HOME)"; log "$BUILD_NOTE"; want_build=0
+    fi
+    if [ $want_build = 1 ]; then
+        t1=$(now)
+        log "building afkern._C (MAX_JOBS=$MAX_JOBS, CUDA_HOME=$CUDA_HOME; log: build.log)"
+        AFKERN_FORCE_CUDA_BUILD=1 AFKERN_PTXAS_VERBOSE=1 timeout -k 10 "$(budget 420)" "$PY" -m pip install -v \
+            --no-index --no-deps --no-build-isolation --no-compile --no-warn-script-location --target "$SITE/pkgs" . \
+            > "$LOGS/build.log" 2>&1
+        rc=$?
+        if [ $rc = 0 ]; then
+            rm -f "$ROOT/$CARRY"/ext/_C*.so
+            cp "$SITE"/pkgs/afkern/_C*.so "$ROOT/$CARRY/ext/" && BUILD_NOTE="ok in $(( $(now) - t1 )) s"
+        else
+            BUILD_NOTE="FAILED (rc $rc) after $(( $(now) - t1 )) s: see build.log"
+            tail -n 25 "$LOGS/build.log"
+        fi
+        log "build: $BUILD_NOTE"
+    fi
+    if [ ! -d "$SITE/pkgs/afkern" ]; then
+        AFKERN_SKIP_CUDA_BUILD=1 "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile \
+            --no-warn-script-location --target "$SITE/pkgs" . > "$LOGS/install.log" 2>&1 \
+            || { log "FAILED: pip install of afkern (install.log)"; tail -n 20 "$LOGS/install.log"; return 1; }
+        so="$(carried_so)"
+        [ -n "$so" ] && cp "$so" "$SITE/pkgs/afkern/"
+    fi
+    export PYTHONPATH="$SITE/pkgs"
+    if [ -d "$SITE/deps" ]; then export PYTHONPATH="$PYTHONPATH:$SITE/deps"; fi
+    EXT_STATUS="$(safepy "$PY" -c 'import afkern.backends.cuda_ops as c; print(c.extension_status())' 2>&1 | tail -n1)"
+    log "afkern from $SITE/pkgs; extension: $EXT_STATUS"
+    READY=1
+}
+
+ensure_slug() {
+    [ -n "$SLUG" ] && return 0
+    local dev=""; [ "$DRY" = 1 ] && dev="--device cpu"
+    SLUG="$(safepy "$PY" "$ROOT/scripts/gpu_tools.py" slug $dev 2>/dev/null | tail -n1)"
+    [ -n "$SLUG" ] || SLUG="unknown-device"
+}
+
+# The AdapterHub baseline stack (adapters 1.3.0 + transformers 4.57.6, from .whl/hub) in its own
+# folder, ahead of the image's transformers 5.x for the benchmark process only.
+hub_env() {
+    BENCH_PP="${PYTHONPATH:-}"
+    local mode="${AFKERN_GPU_HUB:-auto}" v
+    if [ "$mode" = 0 ]; then log "AdapterHub stack: off (AFKERN_GPU_HUB=0)"; return 0; fi
+    if ! compgen -G "$ROOT/.whl/hub/*.whl" >/dev/null; then
+        [ "$mode" = 1 ] && { log "FAILED: AFKERN_GPU_HUB=1 but no .whl/hub/*.whl (run scripts/gpu_wheels.sh, carry .whl)"; return 1; }
+        log "AdapterHub stack: no .whl/hub wheels; provider adapters only if importable here"; return 0
+    fi
+    if [ ! -d "$HUB_SITE/adapters" ]; then
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$HUB_SITE" \
+            "$ROOT"/.whl/hub/*.whl > "$LOGS/hub.log" 2>&1 || { log "WARNING: .whl/hub did not install (hub.log)"; return 0; }
+    fi
+    v="$(env PYTHONPATH="$HUB_SITE:${PYTHONPATH:-}" PYTHONSAFEPATH=1 "$PY" -c \
+        'import transformers, adapters, tokenizers, huggingface_hub as h; print(f"adapters {adapters.__version__}, transformers {transformers.__version__}, tokenizers {tokenizers.__version__}, huggingface_hub {h.__version__}")' 2>>"$LOGS/hub.log" | tail -n1)"
+    if [ -n "$v" ]; then
+        BENCH_PP="$HUB_SITE:${PYTHONPATH:-}"
+        log "AdapterHub stack ($HUB_SITE): $v -- the benchmark process runs every provider on it"
+    else
+        log "WARNING: the AdapterHub stack does not import (hub.log); benchmarking without provider adapters"
+        [ "$mode" = 1 ] && return 1
+    fi
+}
+
+run_stage() {  # run_stage NAME FUNCTION: time it, record its result
+    local name=$1 fn=$2 t1 rc
+    if [ "$(left)" -le "$(( RESERVE + 15 ))" ]; then
+        record "$name" skipped 0 "deadline: $(left) s left"; log "stage $name skipped: deadline"; return 0
+    fi
+    echo; log "==== stage $name ($(left) s left)"
+    t1=$(now)
+    NOTE=""
+    "$fn"; rc=$?
+    record "$name" "$( [ $rc = 0 ] && echo ok || echo "FAILED" )" "$(( $(now) - t1 ))" "$NOTE"
+}
+
+# ------------------------------------------------------------------------------------------ stages
+st_build() {
+    env_header
+    ensure_afkern build || return 1
+    local so size elfs regs spills
+    so="$(ls "$SITE"/pkgs/afkern/_C*.so 2>/dev/null | head -n1)"
+    size="-"; elfs="-"; regs="-"; spills="-"
+    if [ -n "$so" ]; then
+        size="$(( $(stat -c %s "$so") / 1024 )) KiB"
+        local cuobjdump
+        cuobjdump="$(command -v cuobjdump || "$PY" -c 'import os, triton; print(os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump"))' 2>/dev/null || true)"
+        [ -x "$cuobjdump" ] && elfs="$("$cuobjdump" --list-elf "$so" 2>/dev/null | grep -o 'sm_[0-9a-z]*' | sort -u | tr '\n' ' ')"
+    fi
+    if grep -q "ptxas info" "$LOGS/build.log" 2>/dev/null; then
+        regs="$(grep -o 'Used [0-9]* registers' "$LOGS/build.log" | awk '{print $2}' | sort -n | tail -n1)"
+        spills="$(grep -o '[0-9]* bytes spill stores' "$LOGS/build.log" | awk '{s+=$1} END {print s+0}')"
+    fi
+    NOTE="$BUILD_NOTE"
+    {
+        echo "build stage:"
+        printf '| %-23s | %s |\n|-------------------------|-------|\n' item value
+        printf '| %-23s | %s |\n' "torch / CUDA" "$(safepy "$PY" -c 'import torch; print(torch.__version__, torch.version.cuda)' 2>&1 | tail -n1)" \
+            "nvcc" "$( (command -v nvcc >/dev/null && nvcc --version | grep -o 'release [0-9.]*') || echo -)" \
+            "build" "${BUILD_NOTE:-not run}" "extension" "$EXT_STATUS" "shared object" "${so:--} ($size)" \
+            "cubins" "${elfs:--}" "ptxas max regs / spills" "$regs / $spills B" \
+            "kept for later calls" "$(carried_so || true)"
+    } | tee "$LOGS/summary_build.txt"
+    case "$BUILD_NOTE" in ok*) return 0 ;; SKIPPED*) [ "$DRY" = 1 ] && return 0 ;; esac
+    return 1
+}
+
+st_tests() {
+    env_header
+    ensure_afkern || return 1
+    local list="${AFKERN_GPU_TESTS:-scripts/gpu_tests.txt}" status="$LOGS/tests_status.tsv" junit="$LOGS/junit"
+    local line target file safe t1 rc st tmo m m2 matches envs args
+    mkdir -p "$junit"; : > "$status"
+    [ -f "$list" ] || { log "FAILED: no test list $list"; return 1; }
+    local -a common_env=(AFKERN_TEST_GPU=1 AFKERN_EXPECT_EXTENSION=1)
+    [ "$DRY" = 1 ] && common_env=(TRITON_INTERPRET=1)
+    while IFS= read -r line || [ -n "$line" ]; do
+        line="${line%%#*}"; [ -z "${line//[[:space:]]/}" ] && continue
+        eval "set -- $line"
+        envs=(); while [ $# -gt 0 ] && [[ "$1" =~ ^[A-Za-z_][A-Za-z0-9_]*= ]]; do envs+=("$1"); shift; done
+        target="$1"; shift; args=("$@")
+        file="${target%%::*}"
+        if [ -n "${AFKERN_GPU_TEST_ONLY:-}" ] && ! [[ "$target" =~ $AFKERN_GPU_TEST_ONLY ]]; then continue; fi
+        matches=()
+        if [[ "$file" == *[\*\?\[]* ]]; then
+            for m in $file; do [ -e "$m" ] && matches+=("$m${target#"$file"}"); done
+        elif [ -e "$file" ]; then matches=("$target"); fi
+        if [ ${#matches[@]} = 0 ]; then
+            printf '%s\tMISSING (not run)\t0\t\n' "$target" >> "$status"; log "tests: $target: MISSING (not run)"; continue
+        fi
+        for m in "${matches[@]}"; do
+            safe="$(echo "$m ${args[*]:-}" | tr -c 'A-Za-z0-9_.-' '_' | cut -c1-80)"
+            tmo="${AFKERN_GPU_TEST_TIMEOUT:-240}"
+            for m2 in "${envs[@]}"; do [[ "$m2" == AFKERN_GPU_TEST_TIMEOUT=* ]] && tmo="${m2#*=}"; done
+            tmo=$(budget "$tmo")
+            if [ "$tmo" -lt 20 ]; then
+                printf '%s\tSKIPPED (deadline)\t0\t\n' "$m" >> "$status"; log "tests: $m: skipped (deadline)"; continue
+            fi
+            t1=$(now)
+            env "${common_env[@]}" "${envs[@]}" PYTHONPATH="$PYTHONPATH" PYTHONSAFEPATH=1 \
+                timeout -s INT -k 15 "$tmo" "$PY" -m pytest -q -rfEs -p no:cacheprovider -o addopts="" \
+                --junitxml="$junit/$safe.xml" "$m" "${args[@]}" > "$LOGS/tests_$safe.log" 2>&1
+            rc=$?
+            case $rc in 0) st=ok ;; 5) st="ok (none ran)" ;; 124) st=TIMEOUT ;; *) st="FAILED (rc $rc)" ;; esac
+            printf '%s\t%s\t%s\t%s\n' "$m${args[*]:+ ${args[*]}}" "$st" "$(( $(now) - t1 ))" "$junit/$safe.xml" >> "$status"
+            log "tests: $m${args[*]:+ ${args[*]}}: $st in $(( $(now) - t1 )) s -- $(tail -n1 "$LOGS/tests_$safe.log")"
+        done
+    done < "$list"
+    echo "kernel tests (list: $list; logs: tests_*.log):" > "$LOGS/summary_tests.txt"
+    "$PY" "$ROOT/scripts/gpu_tools.py" tests-summary "$status" "$junit" >> "$LOGS/summary_tests.txt"; rc=$?
+    cat "$LOGS/summary_tests.txt"
+    NOTE="$(tail -n1 "$LOGS/summary_tests.txt" | awk -F'|' '{gsub(/ /,"",$4); gsub(/ /,"",$5); gsub(/ /,"",$6); print $4" passed, "$5" failed, "$6" errors"}')"
+    return $rc
+}
+
+st_ceilings() {
+    env_header
+    ensure_slug
+    local dry=""; [ "$DRY" = 1 ] && dry="--dry"
+    safepy timeout -k 10 "$(budget 120)" "$PY" "$ROOT/scripts/gpu_ceilings.py" --out-root "$RESULTS_ROOT/gpu-ceilings" $dry \
+        2>&1 | tee "$LOGS/ceilings.log"
+    local rc=${PIPESTATUS[0]}
+    sed -n '/^ceilings of /,$p' "$LOGS/ceilings.log" > "$LOGS/summary_ceilings.txt"
+    NOTE="$(grep -o '^| copy[^|]*| [0-9.]* GB/s' "$LOGS/ceilings.log" | awk -F'|' '{print $3}') ; bf16 $(grep -o '^| matmul bfloat16[^|]*| [0-9.]* TFLOP/s' "$LOGS/ceilings.log" | awk -F'|' '{print $3}')"
+    return $rc
+}
+
+bench_common() {
+    if [ "$DRY" = 1 ]; then
+        echo "--device cpu --dtype float32 --hidden-size 64 --intermediate-size 128 --heads 4 --seq-len 32 --repeats 2 --warmup 1 --warmup-ms 0 --min-sample-ms 1 --check-tokens 32 --no-progress"
+    else
+        echo "--device cuda --dtype bfloat16 --seq-len 128 --check-tokens 512 --no-progress"
+    fi
+}
+
+run_bench() {  # run_bench PART CAP ARGS... (results: $RESULTS_ROOT/gpu-PART$AFKERN_GPU_TAG/<slug>/)
+    local part="$1${AFKERN_GPU_TAG:-}" cap=$2; shift 2
+    env_header
+    ensure_afkern || return 1
+    ensure_slug
+    [ -f "$RESULTS_ROOT/gpu-ceilings/$SLUG/ceilings.json" ] || { log "no ceilings for $SLUG yet: measuring them first"; st_ceilings; }
+    hub_env || return 1
+    local providers="${AFKERN_GPU_PROVIDERS:-plain,plain_layer,reference,adapters,torch,triton,cuda}" b rc
+    # dry run: the Triton interpreter takes seconds a call (the tests' dry run covers the triton backend)
+    [ "$DRY" = 1 ] && providers="${AFKERN_GPU_PROVIDERS:-plain,plain_layer,reference,adapters,torch,cuda}"
+    local -a extra_env=()
+    [ "$DRY" = 1 ] && extra_env=(TRITON_INTERPRET=1)
+    b=$(budget "$cap")
+    log "afkern-bench $part: $* (budget $b s; log bench-$part.log)"
+    # shellcheck disable=SC2046
+    env "${extra_env[@]}" PYTHONPATH="$BENCH_PP" PYTHONSAFEPATH=1 timeout -s INT -k 20 "$b" "$PY" -m afkern.bench \
+        $(bench_common) --providers "$providers" --output-dir "$RESULTS_ROOT/gpu-$part" "$@" ${AFKERN_GPU_BENCH_ARGS:-} \
+        > "$LOGS/bench-$part.log" 2>&1
+    rc=$?
+    [ $rc = 124 ] && log "afkern-bench $part: stopped at its budget; bench.csv keeps every N finished"
+    grep -E "not timed|Error|error:|Traceback|^targets|^  (met|MISSED)| met$| MISSED$" "$LOGS/bench-$part.log" | tail -n 12
+    safepy "$PY" "$ROOT/scripts/gpu_tools.py" report "$RESULTS_ROOT" "$SLUG" --parts "gpu-$part" > "$LOGS/summary_$part.txt" 2>&1
+    { echo "benchmark $part ($SLUG; afkern-bench rc $rc; full table: bench-$part.log, results: $RESULTS_ROOT/gpu-$part/$SLUG/):"
+      cat "$LOGS/summary_$part.txt"; } > "$LOGS/summary_$part.tmp" && mv "$LOGS/summary_$part.tmp" "$LOGS/summary_$part.txt"
+    cat "$LOGS/summary_$part.txt"
+    NOTE="afkern-bench rc $rc"
+    return $rc
+}
+
+NS="${AFKERN_GPU_NS:-1,2,4,8,16,32,64}"
+TOK="${AFKERN_GPU_TOKENS:-4096}"
+LAY="${AFKERN_GPU_LAYERS:-12}"
+if [ "$DRY" = 1 ]; then NS="${AFKERN_GPU_NS:-1,2}"; TOK="${AFKERN_GPU_TOKENS:-64}"; LAY="${AFKERN_GPU_LAYERS:-2}"; fi
+QUICK_NS="1,16,64"; QUICK_MN=16; QUICK_REP=(--repeats 5)
+[ "$DRY" = 1 ] && { QUICK_NS="1,2"; QUICK_MN=2; QUICK_REP=(); }
+
+st_quick() { run_bench quick 330 --n-adapters "$QUICK_NS" --tokens "$TOK" --modes forward,full --model-n-adapters "$QUICK_MN" \
+                 --model-tokens "$TOK" --layers "$LAY" "${QUICK_REP[@]}"; }
+st_bench_block() { run_bench block 480 --no-model --n-adapters "$NS" --tokens "$TOK"; }
+st_bench_infer() { run_bench infer 480 --no-block --model-n-adapters "$NS" --model-tokens "$TOK" --layers "$LAY" --model-modes inference; }
+st_bench_train() { run_bench train 480 --no-block --model-n-adapters "$NS" --model-tokens "$TOK" --layers "$LAY" --model-modes train_step; }
+
+st_autotune() {
+    env_header
+    ensure_afkern || return 1
+    local b dry="" rc; [ "$DRY" = 1 ] && dry="--dry"
+    b=$(budget 330)
+    env AFKERN_TUNED_CONFIGS=off PYTHONPATH="$PYTHONPATH" timeout -s INT -k 15 "$b" "$PY" "$ROOT/scripts/gpu_autotune.py" \
+        --out-root "$RESULTS_ROOT/gpu-autotune" --tuned-file "$TUNED_FILE" --budget-s $(( b > 120 ? b - 90 : b / 2 )) $dry \
+        > "$LOGS/autotune.log" 2>&1
+    rc=$?
+    sed -n '/^autotune on /,$p' "$LOGS/autotune.log" > "$LOGS/summary_autotune.txt"
+    [ -s "$LOGS/summary_autotune.txt" ] || tail -n 25 "$LOGS/autotune.log" > "$LOGS/summary_autotune.txt"
+    cat "$LOGS/summary_autotune.txt"
+    NOTE="$(grep -o '[0-9]* winners' "$LOGS/autotune.log" | head -n1); reading side $(grep -o 'reading side: [a-zA-Z]*' "$LOGS/autotune.log" | awk '{print $3}')"
+    return $rc
+}
+
+st_report() {
+    ensure_slug
+    safepy "$PY" "$ROOT/scripts/gpu_tools.py" report "$RESULTS_ROOT" "$SLUG" > "$LOGS/summary_report.txt" 2>&1
+    local rc=$?
+    cat "$LOGS/summary_report.txt"
+    return $rc
+}
+
+# ------------------------------------------------------------------------------------------ packing
+pack() {
+    local f paths=() sz
+    ensure_slug
+    {
+        for s in "${RAN[@]}"; do
+            f="$LOGS/summary_${s#bench-}.txt"
+            case "$s" in quick|bench-*) f="$LOGS/summary_${s#bench-}${AFKERN_GPU_TAG:-}.txt" ;; esac
+            [ -f "$f" ] && { echo; cat "$f"; }
+        done
+        echo
+        echo "stages ($(( $(now) - T0 )) s in all; device: ${SLUG}; results: $RESULTS_ROOT/gpu-*/$SLUG):"
+        "$PY" "$ROOT/scripts/gpu_tools.py" stages "$STAGES_TSV"
+    } > "$LOGS/summary.txt" 2>&1
+    cp "$LOGS/summary.txt" "$OUTDIR/summary.txt"
+    tar -czf "$OUTDIR/logs.tar.gz" -C "$(dirname "$LOGS")" "$(basename "$LOGS")" 2>/dev/null
+    for f in "$RESULTS_ROOT"/gpu-*/"$SLUG"; do [ -d "$f" ] && paths+=("$f"); done
+    [ -f "$TUNED_FILE" ] && paths+=("$TUNED_FILE")
+    rm -f "$OUTDIR/results.tar.gz"
+    [ ${#paths[@]} -gt 0 ] && tar -czf "$OUTDIR/results.tar.gz" -C "$ROOT" "${paths[@]}"
+    rm -f "$OUTDIR/carry.tar.gz"
+    if [ -n "$(ls -A "$ROOT/$CARRY" 2>/dev/null)" ]; then
+        # carried back in, .gpu travels uncompressed with .whl (~16 MiB) and the tree under the 64 MiB limit:
+        # the Triton cache goes along only while .gpu stays under 38 MiB and its archive under 15 MiB
+        local raw; raw=$(du -sb "$ROOT/$CARRY" | cut -f1)
+        if [ "$raw" -le $(( 38 * 1024 * 1024 )) ]; then
+            tar -czf "$OUTDIR/carry.tar.gz" -C "$ROOT" "$CARRY"
+            sz=$(stat -c %s "$OUTDIR/carry.tar.gz")
+        else
+            sz=$raw
+        fi
+        if [ "$sz" -gt $(( 15 * 1024 * 1024 )) ]; then
+            log "$CARRY is $(( raw / 1048576 )) MiB: carrying the extension without the Triton cache"
+            tar -czf "$OUTDIR/carry.tar.gz" -C "$ROOT" "$CARRY/ext"
+        fi
+    fi
+    for f in "$OUTDIR"/*; do
+        [ -f "$f" ] && [ "$(stat -c %s "$f")" -gt $(( 16 * 1024 * 1024 )) ] && log "WARNING: $f is over 16 MiB: it will not come back"
+    done
+    echo
+    echo "==== packed under $OUTDIR: $(cd "$OUTDIR" && ls -sh --format=commas 2>/dev/null)"
+    cat "$LOGS/summary.txt"
+}
+
+# ------------------------------------------------------------------------------------------ main
+ARGS=("$@"); [ ${#ARGS[@]} = 0 ] && ARGS=(build tests)
+STAGES=()
+for a in "${ARGS[@]}"; do
+    case "$a" in
+        day1) STAGES+=(build tests) ;;
+        full) STAGES+=(bench-block bench-infer bench-train) ;;
+        all) STAGES+=(build tests ceilings quick autotune bench-block bench-infer bench-train) ;;
+        build|tests|ceilings|quick|autotune|bench-block|bench-infer|bench-train|report) STAGES+=("$a") ;;
+        -h|--help|help) usage; exit 0 ;;
+        *) echo "gpu_validate: unknown stage '$a'"; usage; exit 2 ;;
+    esac
+done
+if [ "$DRY" != 1 ] && ! gpu_present; then
+    for s in "${STAGES[@]}"; do [ "$s" = report ] || { echo "gpu_validate: no CUDA device here (AFKERN_GPU_DRY=1 for the CPU dry run)"; exit 2; }; done
 fi
-
-echo "== 3. benchmark (bfloat16)"
-providers="plain,plain_layer,reference,torch,triton,cuda"
-$PY -c "import adapters" 2>/dev/null && providers="$providers,adapters"
-$PY -m afkern.bench --device cuda --dtype bfloat16 --providers "$providers" --n-adapters 1,2,4,8,16,32,64 \
-    --tokens 4096 --model-tokens 4096 --layers 12 --output-dir benchmarks/results 2>&1 | tee "$RESULTS/bench.log" | tail -40
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-cp -r benchmarks/results/* "$RESULTS/" 2>/dev/null || true
-exit $status
+rm -rf "$LOGS"
+mkdir -p "$LOGS" "$OUTDIR" "$ROOT/$CARRY/ext" "$TRITON_CACHE_DIR"
+: > "$STAGES_TSV"
+log "stages: ${STAGES[*]}; deadline in $(left) s; dry=$DRY; python $PY; out $OUTDIR"
+RAN=()
+trap 'echo; log "interrupted"; record interrupted FAILED 0 "signal"; pack; exit 130' INT TERM
+for s in "${STAGES[@]}"; do
+    RAN+=("$s")
+    run_stage "$s" "st_${s//-/_}"
+done
+trap - INT TERM
+pack
+exit $OVERALL

@@ -296,3 +296,13 @@ def test_family_option():
         bench.main(["--family", "bert,nope"])
     setup = bench.Setup(bench.BenchShape(32, 48, 2, 8), 2, 1, 8, "cpu", torch.float32, family="bert")
     assert setup.family.name == "bert" and setup.site(setup.fm) is setup.fm.encoder.layer[0].output
+
+
+def test_check_tokens_limits_the_guard_to_whole_sequences():
+    from afkern.bench.sweep import check_tokens
+
+    assert check_tokens(4096, 128, None) == 4096
+    assert check_tokens(4096, 128, 512) == 512
+    assert check_tokens(4096, 128, 600) == 512  # whole sequences
+    assert check_tokens(256, 128, 1024) == 256
+    assert check_tokens(64, 128, 32) == 32  # one short sequence: a prefix of it

@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "robust to other processes on a shared machine, best with --threads 1); CUDA always uses events")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default, reported)")
     p.add_argument("--seed", type=int, default=0, help="seed for weights and inputs")
+    p.add_argument("--check-tokens", type=int, default=None,
+                   help="run the correctness guard (and its float64 oracle) on at most this many tokens of each "
+                        "case instead of all of them; large GPU cases need it (default: all)")
     p.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr (log lines only)")
     from . import multifusion
@@ -138,7 +141,7 @@ def resolve_args(args) -> dict:
         block_n=args.n_adapters or ([1, 4, 16] if q else [1, 2, 4, 8, 16, 32, 64]),
         block_tokens=args.tokens or ([256] if q else [256, 1024]),
         block_modes=args.modes or list(BLOCK_MODES),
-        model_n=args.model_n_adapters or ([1, 16] if q else [1, 4, 16, 64]),
+        model_n=args.model_n_adapters or ([1, 4, 16] if q else [1, 4, 16, 64]),
         model_tokens=args.model_tokens or ([128] if q else [512]),
         model_modes=args.model_modes or list(MODEL_MODES),
         layers=args.layers or (4 if q else 12),
@@ -147,8 +150,10 @@ def resolve_args(args) -> dict:
         warmup_ms=args.warmup_ms if args.warmup_ms is not None else default_warmup_ms(device),
         min_sample_ms=args.min_sample_ms or (5.0 if device.type == "cuda" else 20.0),
         shape=BenchShape(args.hidden_size, args.intermediate_size, args.heads, args.reduction_factor),
-        seq_len=args.seq_len, seed=args.seed, clock=args.clock,
+        seq_len=args.seq_len, seed=args.seed, clock=args.clock, check_tokens=args.check_tokens,
     )
+    if args.check_tokens is not None and args.check_tokens < 1:
+        raise SystemExit(f"afkern-bench: --check-tokens must be positive, got {args.check_tokens}")
     for t in cfg["block_tokens"] + cfg["model_tokens"]:
         try:
             tokens_shape(t, args.seq_len)

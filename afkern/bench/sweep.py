@@ -27,8 +27,15 @@ from .providers import BASELINES, PROVIDERS, ProviderUnavailable, Runner
 from .stats import paired_ratio, percentile
 from .timing import Case, run_group
 
-__all__ = ["run_sweep", "sweep_cost"]
+__all__ = ["run_sweep", "sweep_cost", "check_tokens"]
 
+
+def check_tokens(tokens: int, seq_len: int, limit) -> int:
+    """The token count the correctness guard runs on: all ``tokens``, or at most ``limit`` (whole
+    sequences of ``seq_len`` where the case has several)."""
+    if limit is None or tokens <= limit:
+        return tokens
+    return limit if limit < seq_len else (limit // seq_len) * seq_len
 
 def _plan(cfg: dict, kind: str):
     """(N values, token counts, modes, layers, wanted providers) of one kind."""
@@ -101,7 +108,10 @@ def run_sweep(cfg: dict, meta: dict, progress: Progress,
                 for tokens in token_list:
                     progress.status(f"{family} {kind} N={n} {tokens} tok: checking")
                     inputs, dy, (B, S) = make_inputs(setup, kind, tokens, seq_len, seed + tokens)
-                    oracle = make_oracle(setup, kind, inputs, dy, grads, runners["reference"])
+                    ct = check_tokens(tokens, seq_len, cfg.get("check_tokens"))
+                    c_inputs, c_dy, _ = (inputs, dy, None) if ct == tokens else make_inputs(setup, kind, ct, seq_len,
+                                                                                            seed + tokens)
+                    oracle = make_oracle(setup, kind, c_inputs, c_dy, grads, runners["reference"])
                     st, errs = dict(status), {}
                     for name in wanted:
                         if name in st:
@@ -110,7 +120,7 @@ def run_sweep(cfg: dict, meta: dict, progress: Progress,
                             st[name], errs[name] = "ok", float("nan")
                             continue
                         try:
-                            st[name], errs[name] = check_provider(runners[name], oracle, inputs, dy, grads)
+                            st[name], errs[name] = check_provider(runners[name], oracle, c_inputs, c_dy, grads)
                         except Exception as exc:
                             st[name], errs[name] = f"error: {type(exc).__name__}: {_first_line(exc)}", float("nan")
                         if st[name] != "ok":
