@@ -13,11 +13,14 @@ from .config import AdapterConfig, FusionConfig
 from .model import fused_blocks, fusion_regularization_loss, set_active_adapter, set_backend
 from .patching import patch_bert, patch_model
 from .adapterhub import from_adapterhub, load_adapterhub, save_adapterhub
+from .pretrained import from_pretrained
+from .extend import add_adapters
 from .analysis import fusion_weights, plot_fusion_weights, record_fusion_weights
 from .control import (
     FusionControl, clear_fusion_control, drop_adapters, force_adapter, force_fusion_weights, fusion_control,
     select_adapters, zero_adapters,
 )
+from .routing import add_fusion, fusion_names, prune_fusion, route, set_active_fusion
 
 __all__ = [
     "__version__",
@@ -29,6 +32,8 @@ __all__ = [
     "from_adapterhub",
     "load_adapterhub",
     "save_adapterhub",
+    "from_pretrained",
+    "add_adapters",
     "fusion_regularization_loss",
     "set_backend",
     "set_active_adapter",
@@ -47,4 +52,9 @@ __all__ = [
     "select_adapters",
     "drop_adapters",
     "KERNEL_ACTIVATIONS",
+    "add_fusion",
+    "set_active_fusion",
+    "fusion_names",
+    "prune_fusion",
+    "route",
 ]

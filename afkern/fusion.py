@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from .config import FusionConfig
 
-__all__ = ["AdapterFusion", "T_START"]
+__all__ = ["AdapterFusion", "T_START", "attach_temperature_clock", "start_temperature_step"]
 
 #: AdapterHub's starting temperature under ``FusionConfig(temperature=True)``; it falls by
 #: T_START / 1000 after every forward, down to 1.
@@ -49,6 +49,12 @@ class AdapterFusion(nn.Module):
             raise ValueError(f"score dropout must be in [0, 1), got {score_dropout!r}")
         self.score_dropout = float(score_dropout)
         self._temperature = 1.0
+        # the temperature clock of a model forward (``start_temperature_step``): a step is open
+        # (the next forward of this fusion anneals once), and the temperature the current step uses
+        self._step_pending = False
+        self._step_temperature: Optional[float] = None
+        #: inference-time control of this fusion's weights (``afkern.control``); None: plain fusion
+        self.control: Optional["FusionControl"] = None
         self.reset_parameters()
 
     @torch.no_grad()
@@ -78,11 +84,22 @@ class AdapterFusion(nn.Module):
         self._temperature = value
 
     def begin_forward(self) -> float:
-        """The temperature this forward uses; AdapterHub lowers it by T_START / 1000 after every
-        forward of the fusion layer (train and eval alike)."""
+        """The temperature this forward uses. AdapterHub lowers it by T_START / 1000 after every
+        forward of the fusion layer (train and eval alike).
+
+        In a model that afkern patched or loaded, a forward of the model opens a step
+        (:func:`start_temperature_step`): the fusion's first forward in the step uses the current
+        temperature and anneals it, once; any later forward of it before the next model forward
+        (gradient checkpointing's recomputation inside backward) uses that same temperature. A
+        fusion that no model drives (a standalone block) anneals on every forward, as AdapterHub."""
+        if not self.config.temperature:
+            return self._temperature
+        if self._step_temperature is not None and not self._step_pending:
+            return self._step_temperature  # a recomputation of this step's forward
         t = self._temperature
-        if self.config.temperature:
-            self._temperature = max(t - T_START / 1000.0, 1.0)
+        self._temperature = max(t - T_START / 1000.0, 1.0)
+        if self._step_pending:
+            self._step_pending, self._step_temperature = False, t
         return t
 
     def get_extra_state(self) -> torch.Tensor:
@@ -108,6 +125,28 @@ class AdapterFusion(nn.Module):
     def extra_repr(self) -> str:
         kind = "dynamic" if self.config.value else "static"
         return f"adapters={self.adapter_names}, {kind}, score_dropout={self.score_dropout}"
+
+
+def start_temperature_step(model: nn.Module, *args) -> None:
+    """Forward pre-hook of a patched model: open a temperature step for every annealed fusion in
+    it, so each anneals once in this model forward and a recomputation of its forward (gradient
+    checkpointing, reentrant or not) sees the same temperature (:meth:`AdapterFusion.begin_forward`).
+    Fusions that do not run in this forward do not anneal, as in AdapterHub."""
+    if torch.compiler.is_compiling():
+        return None  # compiled graphs keep the per-forward rule (the module walk is not traced)
+    for m in model.modules():
+        if isinstance(m, AdapterFusion) and m.config.temperature:
+            m._step_pending = True
+    return None
+
+
+def attach_temperature_clock(model: nn.Module) -> nn.Module:
+    """Register :func:`start_temperature_step` on ``model`` once (afkern's patch and load
+    functions call this; call it yourself for a model whose blocks you placed by hand). The hook
+    is a module-level function, so ``copy.deepcopy`` of the model keeps a working clock."""
+    if not any(h is start_temperature_step for h in model._forward_pre_hooks.values()):
+        model.register_forward_pre_hook(start_temperature_step)
+    return model
 
 
 class FusionControl:

@@ -27,7 +27,7 @@ def _add_ln_fwd_kernel(
     RES,  # [T, D] second summand (input_tensor); unused unless HAS_RES
     W,  # [D] LayerNorm weight; unused unless HAS_W
     B,  # [D] LayerNorm bias; unused unless HAS_B
-    Y,  # [T, D] output, X's dtype
+    Y,  # [T, D] output, in the promoted dtype of X and RES (each summand is loaded in its own)
     MEAN,  # [T] float32: per-row mean, saved for the backward
     RSTD,  # [T] float32: per-row 1/std, saved for the backward
     stride_x,  # row stride of X (elements)
@@ -66,7 +66,7 @@ def _add_ln_bwd_kernel(
     RES,  # [T, D] second summand; unused unless HAS_RES
     W,  # [D] LayerNorm weight; unused unless HAS_W
     DY,  # [T, D] upstream gradient
-    DX,  # [T, D] output: gradient of both summands (X's dtype)
+    DX,  # [T, D] output: gradient of both summands (Y's dtype)
     DW_PART,  # [programs, D] float32 output: this program's partial sum of dy * xhat
     DB_PART,  # [programs, D] float32 output: this program's partial sum of dy
     MEAN,  # [T] float32 from the forward
@@ -121,12 +121,17 @@ def _ln_warps(block_d: int) -> int:
 
 
 class AddLayerNormTriton(torch.autograd.Function):
-    """y = LayerNorm(x + residual) with Triton forward and backward (residual may be None)."""
+    """y = LayerNorm(x + residual) with Triton forward and backward (residual may be None).
+
+    x and residual may differ in dtype (autocast: a 16-bit sub-layer output and the float32
+    residual stream); y is in their promoted dtype, as ``x + residual`` in torch, and each
+    summand's gradient in its own dtype."""
 
     @staticmethod
     def forward(ctx, x, residual, weight, bias, eps):
         T, D = x.shape
-        y = torch.empty_like(x)
+        out_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+        y = torch.empty_like(x, dtype=out_dtype)
         mean = torch.empty(T, dtype=torch.float32, device=x.device)
         rstd = torch.empty(T, dtype=torch.float32, device=x.device)
         BLOCK_D = triton.next_power_of_2(D)
@@ -146,7 +151,7 @@ class AddLayerNormTriton(torch.autograd.Function):
         x, residual, weight, mean, rstd = ctx.saved_tensors
         T, D = x.shape
         dy = dy.contiguous()
-        dx = torch.empty_like(x)
+        dx = torch.empty_like(dy)
         progs = max(1, min(T, 4 * num_sms(x.device)))
         rows_per = triton.cdiv(T, progs)
         progs = triton.cdiv(T, rows_per)
@@ -162,8 +167,8 @@ class AddLayerNormTriton(torch.autograd.Function):
         )
         dw = dw_part.sum(0).to(weight.dtype) if weight is not None and ctx.needs_input_grad[2] else None
         db = db_part.sum(0).to(weight.dtype if weight is not None else x.dtype) if ctx.has_bias and ctx.needs_input_grad[3] else None
-        dres = dx if residual is not None and ctx.needs_input_grad[1] else None
-        return dx, dres, dw, db, None
+        dres = dx.to(residual.dtype) if residual is not None and ctx.needs_input_grad[1] else None
+        return dx.to(x.dtype), dres, dw, db, None
 
 
 def add_layer_norm_triton(x, residual, weight, bias, eps):

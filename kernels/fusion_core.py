@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from .common import INTERPRET, act, act_code, arch as device_arch, mma
+from . import tuned
 from .rowop import prior_rows, rowop_backward_triton
 
 __all__ = ["fusion_core_triton", "scores_configs", "mix_configs", "block_r"]
@@ -176,6 +177,10 @@ def _fusion_scores_kernel_impl(
 
 
 _TUNED = {}
+# Autotune keys. The inference and training forms of a kernel (STORE_G / APPLY_ACT) are tuned
+# apart; a config measured on a GPU for a key (kernels/tuned.py, kernels/tuned_configs.json) is
+# used without benchmarking.
+AUTOTUNE_KEYS = {"scores": ["D", "R", "BLOCK_R", "STORE_G"], "mix": ["D", "R", "NADP", "APPLY_ACT"]}
 
 
 def _tuned(which: str, device: torch.device, fp32: bool):
@@ -183,12 +188,10 @@ def _tuned(which: str, device: torch.device, fp32: bool):
     arch = device_arch(device)
     key = (which, arch, fp32)
     if key not in _TUNED:
-        if which == "scores":
-            _TUNED[key] = triton.autotune(configs=scores_configs(arch, fp32), key=["D", "R", "BLOCK_R"])(
-                _fusion_scores_kernel_impl)
-        else:
-            _TUNED[key] = triton.autotune(configs=mix_configs(arch, fp32), key=["D", "R", "NADP"])(
-                _fusion_mix_kernel_impl)
+        configs, fn, dtype_arg = ((scores_configs(arch, fp32), _fusion_scores_kernel_impl, "X") if which == "scores"
+                                  else (mix_configs(arch, fp32), _fusion_mix_kernel_impl, "ZG"))
+        prune = {"early_config_prune": tuned.prune_fn(which, arch, AUTOTUNE_KEYS[which], dtype_arg)}
+        _TUNED[key] = triton.autotune(configs=configs, key=AUTOTUNE_KEYS[which], prune_configs_by=prune)(fn)
     return _TUNED[key]
 
 
@@ -240,7 +243,7 @@ def _fusion_mix_kernel_impl(
     WU,  # up weights: element (c, k), c < N*R, k < D, at WU + c*s_wu_c + k*s_wu_k
     BU,  # up biases: element (n, k) at BU + n*s_bu_n + k*s_bu_k
     RES,  # [T, D] residual added in the epilogue; unused unless HAS_RES
-    OUT,  # [T, D] output, ZG's dtype
+    OUT,  # [T, D] output: ZG's dtype, or RES's where that is wider (the float32 stream under autocast)
     T,  # tokens
     D,  # hidden size (output width)
     R,  # bottleneck r
@@ -331,7 +334,9 @@ def _launch_softmax(S, M, B, inv_temperature):
 def _launch_mix(ZG, P, Wu, bu, residual, N, r, act, apply_act):
     T = ZG.shape[0]
     D = Wu.shape[1]
-    out = torch.empty(T, D, dtype=ZG.dtype, device=ZG.device)
+    # a float32 residual (autocast's residual stream) is added unrounded and kept float32
+    out_dtype = ZG.dtype if residual is None else torch.promote_types(ZG.dtype, residual.dtype)
+    out = torch.empty(T, D, dtype=out_dtype, device=ZG.device)
     res = residual if residual is not None else out
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_T"]), triton.cdiv(D, meta["BLOCK_D"]))  # noqa: E731
     _tuned("mix", ZG.device, ZG.dtype == torch.float32)[grid](
@@ -370,7 +375,8 @@ class _FusionCoreTriton(torch.autograd.Function):
         x, q, Wd, Wa, Ws, Wu, bu, Z, A, P, M = ctx.saved_tensors
         ng = ctx.needs_input_grad
         dt = x.dtype
-        dmix = dmix.contiguous() if dmix is not None else torch.zeros(x.shape, dtype=dt, device=x.device)
+        dres = dmix  # in the residual's dtype (the mix is in it when it is wider than dt)
+        dmix = dmix.to(dt).contiguous() if dmix is not None else torch.zeros(x.shape, dtype=dt, device=x.device)
         # into the row op: dY = dmix Wu^T, dp = dmix bu^T (+ the probabilities' own gradient)
         dY = _mm(dmix, Wu.t())
         dp = _mm(dmix, bu.t()).float()
@@ -404,7 +410,7 @@ class _FusionCoreTriton(torch.autograd.Function):
         if ng[10]:
             g[10] = _mm(P.to(dt).t(), dmix)
         if ng[11] and has_res:
-            g[11] = dmix
+            g[11] = dres
         return tuple(g)
 
 
@@ -414,7 +420,7 @@ def fusion_core_triton(x, q, W, shared, residual, score_scale, prior, N, r, acti
     x, q [T, d]; W: ``afkern.ops.layer.CoreWeights`` (canonical, possibly strided layouts);
     shared [T] or None: a score term added for every adapter (it matters under score dropout);
     residual [T, d] or None: added to the mix; score_scale [T, N] or None; prior [N] or [T, N] or
-    None. Returns (mix [T, d] in x's dtype, p [T, N] float32)."""
+    None. Returns (mix [T, d] in x's dtype, or the residual's where that is wider, p [T, N] float32)."""
     T = x.shape[0]
     if T == 0:  # no program to launch
         return x.new_zeros(0, W.Wu.shape[1]), x.new_zeros(0, N, dtype=torch.float32)

@@ -16,9 +16,10 @@ cd "$ROOT"
 
 VENV="${AFKERN_TF5_VENV:-.venv-tf5}"
 PY="${PY:-python3}"
-PINS="torch==2.13.0 transformers==5.18.0 safetensors>=0.4 pytest>=8 numpy matplotlib onnx onnxruntime"
+PINS="torch==2.13.0 transformers==5.18.0 safetensors>=0.4 pytest>=8 numpy matplotlib onnx onnxruntime accelerate"
 STAMP="$VENV/.afkern-tf5-installed"
-TESTS=(tests/test_models.py tests/test_adapterhub_io.py tests/test_control.py tests/test_analysis.py)
+TESTS=(tests/test_models.py tests/test_adapterhub_io.py tests/test_control.py tests/test_analysis.py tests/test_checkpointing.py tests/test_pretrained.py
+       tests/test_families.py tests/test_families_tf5.py)
 
 if [[ ! -f "$STAMP" ]] || [[ "$(cat "$STAMP")" != "$PINS" ]]; then
     echo "test_tf5: setting up $VENV ($PINS)"

@@ -49,7 +49,8 @@ from ..ops.layer import Primitives, fusion_layer
 from ..ops.limits import KERNEL_ACTIVATIONS, MAX_ADAPTERS
 from ..ops.rowop import rowop_backward, rowop_forward
 
-__all__ = ["extension_status", "status", "rowop", "add_layer_norm", "PRIMITIVES", "layer"]
+__all__ = ["extension_status", "status", "rowop", "add_layer_norm", "PRIMITIVES", "layer", "routed_layer",
+           "routed_adapter_layer"]
 
 _CODE_TO_NAME = {code: name for name, code in KERNEL_ACTIVATIONS.items()}
 
@@ -103,6 +104,12 @@ def _check_rowop(op, Z, A, sb, score_scale, n_adapters, activation, prior=None):
     return T
 
 
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The row op's p and score gradients: float32, or float64 for float64 inputs (the CPU
+    reference kernels only; the CUDA kernels take 16/32-bit inputs), as ``afkern.ops.rowop.acc``."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
     """LayerNorm statistics: float32, or float64 for float64 inputs (CPU reference only)."""
     return torch.promote_types(dtype, torch.float32)
@@ -122,7 +129,7 @@ def _check_ln(op, x, residual, weight, bias=None):
 @torch.library.register_fake("afkern::rowop_fwd")
 def _rowop_fwd_fake(Z, A, sb, score_scale, prior, n_adapters, activation, inv_temperature):
     T = _check_rowop("afkern::rowop_fwd", Z, A, sb, score_scale, n_adapters, activation, prior)
-    return Z.new_empty(Z.shape), Z.new_empty((T, n_adapters), dtype=torch.float32)
+    return Z.new_empty(Z.shape), Z.new_empty((T, n_adapters), dtype=_acc_dtype(Z.dtype))
 
 
 @torch.library.register_fake("afkern::rowop_bwd")
@@ -130,10 +137,10 @@ def _rowop_bwd_fake(dY, dp, Z, A, p, score_scale, n_adapters, activation, inv_te
     op = "afkern::rowop_bwd"
     T = _check_rowop(op, Z, A, None, score_scale, n_adapters, activation)
     _check_2d(dY, "dY", op, Z.shape, Z.dtype)
-    _check_2d(p, "p", op, (T, n_adapters), torch.float32)
+    _check_2d(p, "p", op, (T, n_adapters), _acc_dtype(Z.dtype))
     if dp is not None:
-        _check_2d(dp, "dp", op, (T, n_adapters), torch.float32)
-    return Z.new_empty(Z.shape), A.new_empty(Z.shape), Z.new_empty((T, n_adapters), dtype=torch.float32)
+        _check_2d(dp, "dp", op, (T, n_adapters), _acc_dtype(Z.dtype))
+    return Z.new_empty(Z.shape), A.new_empty(Z.shape), Z.new_empty((T, n_adapters), dtype=_acc_dtype(Z.dtype))
 
 
 @torch.library.register_fake("afkern::add_layernorm_fwd")
@@ -208,7 +215,7 @@ def _rowop_bwd_autograd(ctx, dY, dp):
     Z, A, p, score_scale = ctx.saved_tensors
     n_adapters, activation, inv_temperature = ctx.args
     dY = torch.zeros_like(Z) if dY is None else _rowmajor(dY.to(Z.dtype))
-    dp = None if dp is None else _rowmajor(dp.float())
+    dp = None if dp is None else _rowmajor(dp.to(_acc_dtype(Z.dtype)))
     dZ, dA, dsb = torch.ops.afkern.rowop_bwd(dY, dp, Z, A, p, score_scale, n_adapters, activation, inv_temperature)
     dsb = None if ctx.sb_dtype is None else dsb.to(ctx.sb_dtype)
     return dZ, dA, dsb, None, None, None, None, None
@@ -277,14 +284,18 @@ def add_layer_norm(
 ) -> torch.Tensor:
     """``F.layer_norm(x + residual, (d,), weight, bias, eps)`` through ``afkern::add_layernorm_fwd``.
 
-    x, residual: [..., d] of one dtype (residual None: a LayerNorm of x alone); weight, bias: [d]
-    or None (then 1 and 0). The sum is never rounded to x's dtype before the normalisation
-    (float32 statistics).
+    x, residual: [..., d] (residual None: a LayerNorm of x alone); weight, bias: [d] or None (then
+    1 and 0). The sum is never rounded before the normalisation (float32 statistics). The op takes
+    one dtype: x and residual of different dtypes (autocast: a 16-bit sub-layer output and the
+    float32 residual stream) run in their promoted dtype, which is the output's, as ``x + residual``
+    in torch (the residual stream is not rounded to 16 bits).
     """
     d = x.shape[-1]
     shape = x.shape
     if residual is None:
         residual = torch.zeros_like(x)
+    elif residual.dtype != x.dtype:
+        x = x.to(torch.promote_types(x.dtype, residual.dtype))
     if weight is None:
         weight = torch.ones(d, dtype=x.dtype, device=x.device)
     if bias is None:
@@ -380,3 +391,29 @@ def layer(h, input_tensor, P, spec, inv_temperature=1.0, score_scale=None, folde
     if h.device.type != "cuda":
         raise RuntimeError(f"backend 'cuda' runs on CUDA tensors; got tensors on {h.device.type}")
     return fusion_layer(h, input_tensor, P, spec, PRIMITIVES, inv_temperature, score_scale, folded, prior)
+
+
+def _check_device(h):
+    ok, why = extension_status()
+    if not ok:
+        raise RuntimeError(f"backend 'cuda' cannot run: {why}")
+    if h.device.type != "cuda":
+        raise RuntimeError(f"backend 'cuda' runs on CUDA tensors; got tensors on {h.device.type}")
+
+
+def routed_layer(h, input_tensor, P, spec, plan, fusions):
+    """Several fusions in one batch (``afkern.ops.routed``): the shared Z GEMM and the segmented
+    GEMMs on cuBLAS, the row op (per-token prior and score scale) and the residual-add LayerNorms
+    on afkern's CUDA kernels. Returns (out [T, d], probs [T, N] float32)."""
+    _check_device(h)
+    from ..ops.routed import routed_fusion_layer
+
+    return routed_fusion_layer(h, input_tensor, P, spec, plan, fusions, PRIMITIVES)
+
+
+def routed_adapter_layer(h, input_tensor, P, spec, plan, adapters):
+    """One adapter per token: segmented cuBLAS GEMMs, afkern's residual-add LayerNorm."""
+    _check_device(h)
+    from ..ops.routed import routed_adapter_layer as _routed_adapter
+
+    return _routed_adapter(h, input_tensor, P, spec, plan, adapters, PRIMITIVES)

@@ -67,13 +67,17 @@ class Primitives:
     """What a backend brings to :func:`fusion_layer`.
 
     - ``rowop(Z, A, sb, n_adapters, activation, inv_temperature, score_scale, prior) -> (Y, p)``;
-    - ``add_norm(x, residual, weight, bias, eps) -> LayerNorm(x + residual)`` (residual may be None);
+    - ``add_norm(x, residual, weight, bias, eps) -> LayerNorm(x + residual)`` (residual may be None),
+      in ``torch.promote_types(x.dtype, residual.dtype)`` as torch's add would give: under autocast
+      a 16-bit ``x`` and the float32 residual stream give a float32 result, as in the plain model;
     - ``norm(u, weight, bias, eps)`` or None: a separate LayerNorm (the prologue then forms
       ``h + input`` itself and the epilogue reuses it, saving an add);
     - ``core(x, q, W, shared, residual, score_scale, prior, N, r, activation, inv_temperature) ->
       (mix, p)`` or None: the fused N-wide core (else GEMMs in torch around ``rowop``);
-    - ``uniform_dtype``: the kernels take one dtype, so parameters (and the residual input) are
-      cast to the activations' dtype first (autocast, mixed-precision weights).
+    - ``uniform_dtype``: the kernels compute in one dtype, so the adapter and fusion parameters
+      are cast to the activations' (h's) dtype first (autocast, mixed-precision weights). The
+      residual stream (``input_tensor``) and the LayerNorm's weights keep theirs: ``add_norm``
+      and the core's residual epilogue load each input in its own dtype.
 
     All must be differentiable (autograd Functions) when gradients are needed.
     """
@@ -122,9 +126,13 @@ def gemm_core(rowop: Callable) -> Callable:
         if shared is not None:
             sb = sb + shared.unsqueeze(-1)
         Y, p = rowop(Z, A, sb, N, activation, inv_temperature, score_scale, prior)
-        mix = torch.mm(Y, W.Wu) if residual is None else torch.addmm(residual, Y, W.Wu)
+        # a residual wider than the GEMM (the float32 stream under autocast) is added after it,
+        # in its own dtype: folding it into addmm would round the stream to 16 bits
+        wide = residual if residual is not None and residual.dtype != Y.dtype else None
+        mix = torch.mm(Y, W.Wu) if residual is None or wide is not None else torch.addmm(residual, Y, W.Wu)
         # p is float32 (float64 for float64); [N, d] bias rows: cast so in-place addmm is autocast-safe
-        return mix.addmm_(p.to(mix.dtype), W.bu.to(mix.dtype)), p
+        mix = mix.addmm_(p.to(mix.dtype), W.bu.to(mix.dtype))
+        return (mix if wide is None else wide + mix), p
 
     return core
 
@@ -172,12 +180,19 @@ def fusion_layer(
     routing); ``folded``: inference weights, or None to run unfolded (training).
     """
     if prims.uniform_dtype:
+        # The kernels compute in h's dtype. Under autocast h is 16-bit while input_tensor, the
+        # residual stream, is the float32 output of the previous LayerNorm: it is not rounded (the
+        # plain model adds in float32); the add + norm primitives and the core's residual epilogue
+        # read it in float32 and return float32, so the block's output is float32 as the plain
+        # module's is. Only what feeds the GEMMs (x, the query) is cast to h's dtype.
         dt = h.dtype
-        input_tensor = input_tensor.to(dt)
-        P = P.to(dt)
+        P = P.to(dt).replace(ln_weight=P.ln_weight, ln_bias=P.ln_bias)
         folded = _cast_folded(folded, dt)
     N, r, d = P.down_weight.shape
     x, query, residual, pre = prologue(h, input_tensor, P, spec, prims)
+    if prims.uniform_dtype:
+        xc = x.to(dt)
+        x, query = xc, (xc if query is x else query.to(dt))
 
     if not spec.fusion:
         hidden = single_adapter_output(x, residual, P, spec)
@@ -214,7 +229,12 @@ def fusion_layer(
         before = res_term if spec.residual_before else None
         mix, probs = core(x, q.contiguous(), W, shared, before, score_scale, prior, N, r, spec.activation,
                           inv_temperature)
-        hidden = F.linear(mix, value_map) if spec.residual_before else torch.addmm(after, mix, value_map.t())
+        if spec.residual_before:
+            hidden = F.linear(mix, value_map)
+        elif after.dtype != mix.dtype:  # the float32 stream under autocast: add it unrounded
+            hidden = after + F.linear(mix, value_map)
+        else:
+            hidden = torch.addmm(after, mix, value_map.t())
     if reuse_pre:
         return norm_only(prims, hidden, P, spec), probs
     if spec.original_ln_after:

@@ -1,0 +1,193 @@
+"""Gradient checkpointing of patched models (issue 13 item 2), with an annealed fusion temperature
+(``FusionConfig(temperature=True)``) and score dropout.
+
+transformers 4.x checkpoints with ``use_reentrant=True`` by default (the layer's forward runs under
+no_grad, then again inside backward), 5.x with ``use_reentrant=False`` (the forward runs once with
+grad, its activations are recomputed inside backward). Either way a fused block runs twice per
+training step. The temperature must move once per forward of the model, and the recomputation must
+see the temperature and the score-dropout mask of the forward it recomputes; then the gradients are
+those without checkpointing. Runs on transformers 4.57 here and on 5.x (scripts/test_tf5.sh).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import afkern
+from afkern.block import FusedAdapterBlock
+from afkern.fusion import T_START, AdapterFusion
+
+from conftest import perturb_, token_batch
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+STEP = T_START / 1000.0
+KINDS = ["default", "reentrant", "non_reentrant"]  # default: what this transformers version does
+
+
+def _bert(seed=0, dropout=0.1):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(hidden_size=40, num_hidden_layers=3, num_attention_heads=4, intermediate_size=72, vocab_size=97,
+                     max_position_embeddings=64, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+                     num_labels=3)
+    torch.manual_seed(seed)
+    model = BertForSequenceClassification(cfg)
+    afkern.patch_model(model, ["a", "b", "c"], adapter_config=afkern.AdapterConfig.houlsby(),
+                       fusion_config=afkern.FusionConfig(temperature=True))
+    perturb_(model, 0.2, seed=seed)
+    # fusion training: the base model and the adapters frozen; the fusions and the head train
+    for n, p in model.named_parameters():
+        p.requires_grad_(".fusions." in n or n.startswith("classifier."))
+    return model.train()
+
+
+def _enable(model, kind):
+    kwargs = None if kind == "default" else {"use_reentrant": kind == "reentrant"}
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    # reentrant checkpointing needs an input that requires grad; the embeddings are frozen
+    model.enable_input_require_grads()
+    return model
+
+
+def _fusions(model):
+    return [m for m in model.modules() if isinstance(m, AdapterFusion)]
+
+
+def _step(model, opt, batch, seed):
+    torch.manual_seed(seed)  # the same dropout masks for both models
+    out = model(**batch)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return out.loss.detach(), grads
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_checkpointed_training_equals_plain_training(kind, backend):
+    plain, ckpt = _bert(), _enable(_bert(), kind)
+    for m in (plain, ckpt):
+        afkern.set_backend(m, backend)
+    assert any(getattr(m, "gradient_checkpointing", False) for m in ckpt.modules())
+    batch = dict(token_batch(4, 11, 6, seed=1), labels=torch.tensor([0, 1, 2, 1]))
+    opts = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5) for m in (plain, ckpt)]
+    for step in range(3):
+        (loss_p, g_p), (loss_c, g_c) = (_step(m, o, batch, seed=100 + step) for m, o in zip((plain, ckpt), opts))
+        torch.testing.assert_close(loss_c, loss_p, rtol=1e-6, atol=1e-7)
+        assert sorted(g_c) == sorted(g_p) and any(".fusions." in n for n in g_p)
+        for n in g_p:
+            torch.testing.assert_close(g_c[n], g_p[n], rtol=1e-5, atol=1e-7, msg=lambda m: f"{n}: {m}")
+        # the temperature moved exactly once per forward of the model, with and without checkpointing
+        for m in (plain, ckpt):
+            assert all(f.temperature == pytest.approx(T_START - STEP * (step + 1)) for f in _fusions(m))
+    # an eval forward moves it once too (AdapterHub anneals in eval as well)
+    ckpt.eval()
+    with torch.no_grad():
+        ckpt(**batch)
+    assert all(f.temperature == pytest.approx(T_START - STEP * 4) for f in _fusions(ckpt))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_recomputation_sees_the_forwards_temperature_and_dropout_mask(kind, monkeypatch):
+    """Every block runs twice in a checkpointed step (forward, recomputation); both runs use one
+    temperature and one score-dropout mask."""
+    model = _enable(_bert(), kind)
+    seen = {}
+    orig = FusedAdapterBlock.adapter_forward
+
+    def spy(block, h, residual_input):
+        fusion = block.fusion
+        t_before = fusion.temperature
+        masks = []
+        real = block.score_dropout_scale
+
+        def record(*a, **k):
+            masks.append(real(*a, **k))
+            return masks[-1]
+
+        monkeypatch.setattr(block, "score_dropout_scale", record)
+        try:
+            out = orig(block, h, residual_input)
+        finally:
+            monkeypatch.delattr(block, "score_dropout_scale")
+        seen.setdefault(id(block), []).append((t_before, fusion.temperature, masks[0]))
+        return out
+
+    monkeypatch.setattr(FusedAdapterBlock, "adapter_forward", spy)
+    batch = dict(token_batch(4, 11, 6, seed=2), labels=torch.tensor([0, 1, 2, 1]))
+    for step in range(2):
+        seen.clear()
+        torch.manual_seed(step)
+        # non-reentrant recomputation stops once the tensors the backward needs are back, which
+        # can be before a layer's last block; recompute whole layers so every block is checked
+        with torch.utils.checkpoint.set_checkpoint_early_stop(False):
+            model(**batch).loss.backward()
+        assert len(seen) == 6  # 3 layers x (attention, output) sites
+        for runs in seen.values():
+            assert len(runs) == 2, "a checkpointed block runs in the forward and in the recomputation"
+            (_, t_after_fwd, mask_fwd), (_, t_after_rec, mask_rec) = runs
+            assert t_after_fwd == t_after_rec == pytest.approx(T_START - STEP * (step + 1))
+            assert torch.equal(mask_fwd, mask_rec) and 0 < (mask_fwd == 0).sum() < mask_fwd.numel()
+
+
+def test_temperature_used_by_a_forward_is_fixed_for_its_recomputation():
+    """The score of a checkpointed step is computed at the temperature of that step's forward: a
+    step's loss and gradients are those of the plain model at the same temperature, also when the
+    temperature is set between the forward and the backward."""
+    plain, ckpt = _bert(dropout=0.0), _enable(_bert(dropout=0.0), "default")
+    batch = dict(token_batch(4, 11, 6, seed=3), labels=torch.tensor([2, 1, 0, 1]))
+    losses = []
+    for m in (plain, ckpt):
+        for f in _fusions(m):
+            f.temperature = 3.0
+        loss = m(**batch).loss
+        for f in _fusions(m):
+            f.temperature = 40.0  # a change between forward and backward is for the next forward
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[1], losses[0])
+    gp = {n: p.grad for n, p in plain.named_parameters() if p.grad is not None}
+    for n, p in ckpt.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, gp[n], rtol=1e-5, atol=1e-7)
+
+
+def test_training_mode_no_grad_forward_does_not_fold_trainable_weights():
+    """Reentrant checkpointing runs the training forward under no_grad: it must compute what its
+    recomputation computes (unfolded), not fold the trainable weights anew at every step."""
+    model = _bert(dropout=0.0)
+    with torch.no_grad():
+        model(**token_batch(2, 7, 5))
+    assert all(b.cached_folded() is None for _, b in afkern.fused_blocks(model))
+    model.eval()
+    with torch.no_grad():
+        model(**token_batch(2, 7, 5))
+    assert all(b.cached_folded() is not None for _, b in afkern.fused_blocks(model))
+
+
+def test_standalone_block_anneals_on_every_forward():
+    """A block used without a patched model keeps AdapterHub's per-forward annealing."""
+    b = FusedAdapterBlock(24, ["a", "b"], fusion_config=afkern.FusionConfig(temperature=True), in_features=24).eval()
+    with torch.no_grad():
+        for k in range(3):
+            b(torch.randn(5, 24), torch.randn(5, 24))
+            assert b.temperature == pytest.approx(T_START - STEP * (k + 1))
+
+
+def test_copies_and_reloads_keep_the_clock():
+    """A deep copy of a patched model (and a model rebuilt by drop_adapters) still moves the
+    temperature once per model forward, under checkpointing too."""
+    model = _enable(_bert(), "default")
+    twin = copy.deepcopy(model)
+    batch = dict(token_batch(2, 7, 5), labels=torch.tensor([0, 1]))
+    twin(**batch).loss.backward()
+    assert all(f.temperature == pytest.approx(T_START - STEP) for f in _fusions(twin))
+    assert all(f.temperature == T_START for f in _fusions(model))
+    afkern.drop_adapters(twin, ["c"])
+    twin(**batch).loss.backward()
+    assert all(f.temperature == pytest.approx(T_START - 2 * STEP) for f in _fusions(twin))
