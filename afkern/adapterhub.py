@@ -9,6 +9,11 @@ Directory format (``adapters`` 1.x ``save_adapter`` / ``save_adapter_fusion``):
   ``model_adapter_fusion.safetensors`` or ``pytorch_model_adapter_fusion.bin``; keys like
   ``[...]encoder.layer.<i>.output.adapter_fusion_layer.<a,b,...>.query.weight``.
 
+The site part of a key (``encoder.layer.<i>.output`` for BERT, ``h.<i>.output_adapters`` for
+GPT-2, ``decoder.block.<i>.layer.1`` for T5's cross-attention, ...) is AdapterHub's module name on
+transformers 4, for every family and also on transformers 5; the site table
+(``afkern.families``) maps it to the model's layers both ways.
+
 ``.bin`` files are read with ``torch.load(weights_only=True)``: a pickle that would run code is
 refused. Loading validates everything before the model is touched; writes are atomic.
 """
@@ -28,8 +33,11 @@ from ._io import atomic_write_bytes, atomic_write_json
 from .backends import check_name
 from .block import FusedAdapterBlock
 from .config import AdapterConfig, FusionConfig
+from .families import FAMILIES, family_of
+from .pretrained import track_model
 from .model import fused_blocks, install
-from .patching import _model_dropout, encoder_layers, output_sites
+from .patching import build_site_block, model_dropout, site_placed
+from .sites import Family, install_sites, site_blocks, slots_of
 
 __all__ = ["from_adapterhub", "load_adapterhub", "save_adapterhub"]
 
@@ -37,8 +45,9 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter.safetensors", "pytorch_adapter.bin")
 FUSION_CONFIG = "adapter_fusion_config.json"
 FUSION_WEIGHTS = ("model_adapter_fusion.safetensors", "pytorch_model_adapter_fusion.bin")
-_LOC = {"output": "output", "attention": "attention.output"}
-_SITE_RE = re.compile(r"(?:^|\.)encoder\.layer\.(\d+)\.(attention\.output|output)\.(adapters|adapter_fusion_layer)\.")
+# AdapterHub's loader renames these legacy module names (adapter-transformers 2.x/3.x) to "adapters"
+_LEGACY = {".attention_text_task_adapters.": ".adapters.", ".attention_text_lang_adapters.": ".adapters.",
+           ".layer_text_task_adapters.": ".adapters.", ".layer_text_lang_adapters.": ".adapters."}
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -52,7 +61,7 @@ def _plain_class(module: nn.Module):
 
 def _site_sig(spec_cfg: AdapterConfig) -> Tuple:
     return (spec_cfg.non_linearity, spec_cfg.original_ln_before, spec_cfg.original_ln_after,
-            spec_cfg.residual_before_ln, spec_cfg.mh_adapter, spec_cfg.output_adapter)
+            spec_cfg.residual_before_ln, spec_cfg.mh_adapter, spec_cfg.output_adapter, spec_cfg.cross_adapter)
 
 
 def _common_config(configs: Mapping[str, AdapterConfig]) -> AdapterConfig:
@@ -129,17 +138,84 @@ def _hidden_size(model) -> int:
     return int(hs)
 
 
-def _parse_site_keys(sd: Mapping[str, torch.Tensor], kind: str, owner: str) -> Dict[Tuple[int, str], Dict[str, torch.Tensor]]:
-    """{(layer, location): {param-suffix: tensor}} for keys ``...<kind>.<owner>.<suffix>``."""
-    out: Dict[Tuple[int, str], Dict[str, torch.Tensor]] = {}
-    marker = f".{kind}.{owner}."
+def _site_pattern(path: str) -> str:
+    """A key prefix with its layer indices as ``<i>`` ("h.<i>.output_adapters")."""
+    return re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.)", "<i>", path)
+
+
+def _family_patterns(family: Family) -> List[str]:
+    """AdapterHub's site key prefixes of a family, layer indices as ``<i>``."""
+    out = []
+    for stacks in (family.stacks, family.stacks_v5 or ()):
+        for st in stacks:
+            lay = (st.ah_layers or st.layers).replace("*", "0")
+            out += [_site_pattern(f"{lay}.{site.ah}") for site in st.sites]
+    return list(dict.fromkeys(out))
+
+
+def _layer_index(site: str, family: Family) -> Optional[int]:
+    """The layer number in an AdapterHub site prefix of ``family`` (its layer list's last index)."""
+    for stacks in (family.stacks, family.stacks_v5 or ()):
+        for st in stacks:
+            pat = re.escape(st.ah_layers or st.layers).replace(r"\*", r"(\d+)")
+            m = re.match(pat + r"\.", site + ".")
+            if m:
+                return int(m.groups()[-1])
+    return None
+
+
+def _unknown_sites(bad: List[Tuple[str, str]], what: str, model: nn.Module, family: Family) -> ValueError:
+    """Why keys fit no site of ``model`` (``bad``: (key, site) pairs): layers or sites the model
+    lacks (weights saved from a bigger model), or another family's directory."""
+    mine = _family_patterns(family)
+    ours = [(k, site) for k, site in bad if any(_site_pattern(site) == m or _site_pattern(site).endswith("." + m)
+                                                for m in mine)]
+    if ours:
+        n_layers = len({s.path for s in slots_of(model, family)})
+        idx = [i for i in (_layer_index(site, family) for _, site in ours) if i is not None]
+        key, site = ours[0]
+        return ValueError(
+            f"{what} has weights for layer {max(idx) if idx else '?'} but the model has {n_layers} layers: "
+            f"{key!r} is for site {site!r}, which this {type(model).__name__} lacks (saved from a model with more "
+            "layers, or with a decoder / cross-attention this model does not have?)")
+    key, site = bad[0]
+    pat = _site_pattern(site)
+    others = [f.name for f in FAMILIES.values() if f is not family and
+              any(pat == m or pat.endswith("." + m) for m in _family_patterns(f))]
+    hint = f"; it looks like a directory saved from a {' / '.join(others)} model" if others else ""
+    return ValueError(f"{what}: weight {key!r} fits no adapter site of this {family.name} model "
+                      f"({type(model).__name__}){hint}. Expected keys under {mine} (<i> = layer)")
+
+
+def _parse_site_keys(sd: Mapping[str, torch.Tensor], kind: str, owner: str, model: nn.Module,
+                     family: Family) -> Dict[str, Dict[str, torch.Tensor]]:
+    """{AdapterHub site prefix: {param-suffix: tensor}} for keys
+    ``[<base_model_prefix>.]<site>.<kind>.<owner>.<suffix>``, every site checked against the
+    model's site table (``afkern.families``); an unknown site is a ValueError saying why."""
+    sites = {s.ah_prefix for s in slots_of(model, family)}
+    bp = getattr(model, "base_model_prefix", "") or ""
+    out: Dict[str, Dict[str, torch.Tensor]] = {}
+    bad: List[Tuple[str, str]] = []
+    marker = f".{kind}."
     for k, v in sd.items():
-        m = _SITE_RE.search(k)
-        i = k.find(marker)
-        if m is None or i < 0 or m.group(3) != kind:
-            raise ValueError(f"unexpected weight key {k!r}; expected '...encoder.layer.<i>.(output|attention.output).{kind}.{owner}.<param>'")
-        loc = "attention" if m.group(2) == "attention.output" else "output"
-        out.setdefault((int(m.group(1)), loc), {})[k[i + len(marker):]] = v
+        key = k
+        for old, new in _LEGACY.items():
+            key = key.replace(old, new)
+        i = key.find(marker)
+        if i < 0 or not key[i + len(marker):].startswith(owner + "."):
+            raise ValueError(f"unexpected weight key {k!r}; expected '<site>.{kind}.{owner}.<param>'")
+        site, suffix = key[:i], key[i + len(marker) + len(owner) + 1:]
+        if site not in sites and bp and site.startswith(bp + "."):
+            site = site[len(bp) + 1:]
+        if site not in sites:
+            bad.append((k, site))
+            continue
+        if suffix in out.setdefault(site, {}):
+            raise ValueError(f"weight {k!r} appears twice (with and without the base-model prefix?)")
+        out[site][suffix] = v
+    if bad:
+        what = f"adapter {owner!r}" if kind == "adapters" else f"fusion {owner!r}"
+        raise _unknown_sites(bad, what, model, family)
     return out
 
 
@@ -154,23 +230,30 @@ def _fill_block(block: FusedAdapterBlock, adapters: Dict[str, Dict[str, torch.Te
             raise ValueError(f"adapter {name!r} at {where} lacks weights {missing}")
         block.set_adapter_weights(n, *(w[k].to(block.down_weight.dtype) for k in need))
     if fusion is not None:
-        with torch.no_grad():
-            for lin_name in ("query", "key", "value"):
-                lin = getattr(block, lin_name, None)
-                if lin is None:
-                    continue
-                for pname, p in lin.named_parameters():
-                    key = f"{lin_name}.{pname}"
-                    if key not in fusion:
-                        raise ValueError(f"fusion weights at {where} lack {key!r}")
-                    if tuple(fusion[key].shape) != tuple(p.shape):
-                        raise ValueError(f"fusion {key} at {where} must be {tuple(p.shape)}, got {tuple(fusion[key].shape)}")
-                    p.copy_(fusion[key])
+        _fill_fusion(block.fusion, fusion, where)
+
+
+def _fill_fusion(module, fusion: Dict[str, torch.Tensor], where: str) -> None:
+    """Copy one fusion's query / key / value weights (keys ``query.weight`` ...) into ``module``
+    (an ``afkern.fusion.AdapterFusion``)."""
+    with torch.no_grad():
+        for lin_name in ("query", "key", "value"):
+            lin = getattr(module, lin_name, None)
+            if lin is None:
+                continue
+            for pname, p in lin.named_parameters():
+                key = f"{lin_name}.{pname}"
+                if key not in fusion:
+                    raise ValueError(f"fusion weights at {where} lack {key!r}")
+                if tuple(fusion[key].shape) != tuple(p.shape):
+                    raise ValueError(f"fusion {key} at {where} must be {tuple(p.shape)}, got {tuple(fusion[key].shape)}")
+                p.copy_(fusion[key].to(p.dtype))
 
 
 def from_adapterhub(model: nn.Module, backend: str = "auto") -> nn.Module:
-    """Convert a model prepared with ``adapters`` (active ``Fuse(...)``) into a plain transformers
-    model whose output modules are :class:`FusedAdapterBlock`s with the same weights.
+    """Convert a model prepared with ``adapters`` (active ``Fuse(...)`` of single adapters, or one
+    active adapter) into a plain transformers model whose output modules are
+    :class:`FusedAdapterBlock`s with the same weights. ``Stack`` / ``Parallel`` setups are refused.
 
     For an ``adapters`` ``*AdapterModel`` (with prediction heads) the converted base model is
     returned (heads are AdapterHub objects; move them yourself). The input model is not modified.
@@ -184,22 +267,29 @@ def from_adapterhub(model: nn.Module, backend: str = "auto") -> nn.Module:
         raise TypeError(f"{type(model).__name__} was not prepared with the adapters package (adapters.init)")
     setup = model.active_adapters
     if isinstance(setup, Stack) and len(setup.children) == 1:
-        setup = setup.children[0]
-    if not isinstance(setup, Fuse):
-        raise ValueError(f"the model's active adapter setup must be a Fuse(...), got {setup!r}; call set_active_adapters(Fuse(...))")
-    names = list(setup.children)
-    if any(not isinstance(n, str) for n in names):
-        raise ValueError(f"only a Fuse of single adapters is supported, got {setup!r}")
-    fusion_name = setup.name
+        setup = setup.children[0]  # set_active_adapters("a") or Fuse(...) reads back as a one-element Stack
+    if setup is None:
+        raise ValueError("the model has no active adapter setup; call set_active_adapters(name or Fuse(...))")
+    if not isinstance(setup, (str, Fuse)) or (isinstance(setup, Fuse) and any(not isinstance(n, str) for n in setup.children)):
+        kind = type(setup).__name__
+        raise ValueError(
+            f"the model's active setup is {setup!r}: afkern converts one adapter or one Fuse(...) of single adapters "
+            f"per site; {kind}(...) compositions (Stack, Parallel, Split, BatchSplit, or nested in a Fuse) are not "
+            "supported. Call set_active_adapters(name) or set_active_adapters(Fuse(a, b, ...)) first"
+        )
+    names = [setup] if isinstance(setup, str) else list(setup.children)
+    fusion_name = setup.name if isinstance(setup, Fuse) else None  # None: one adapter, no fusion
     missing = [n for n in names if model.adapters_config.get(n) is None]
     if missing:
-        raise ValueError(f"the Fuse names adapters the model lacks: {missing}")
-    fcfg_obj, _ = model.adapters_config.get_fusion(fusion_name)
-    if fcfg_obj is None:
-        raise ValueError(f"the model has no fusion layer {fusion_name!r}; call add_adapter_fusion first")
+        raise ValueError(f"the active setup names adapters the model lacks: {missing}")
+    fcfg = False
+    if fusion_name is not None:
+        fcfg_obj, _ = model.adapters_config.get_fusion(fusion_name)
+        if fcfg_obj is None:
+            raise ValueError(f"the model has no fusion layer {fusion_name!r}; call add_adapter_fusion first")
+        fcfg = FusionConfig.from_dict(fcfg_obj.to_dict())
     configs = {n: AdapterConfig.from_dict(model.adapters_config.get(n).to_dict()) for n in names}
     acfg = _common_config(configs)
-    fcfg = FusionConfig.from_dict(fcfg_obj.to_dict())
 
     base = model.base_model
     cls = _plain_class(base)
@@ -218,42 +308,71 @@ def from_adapterhub(model: nn.Module, backend: str = "auto") -> nn.Module:
     p0 = next(base.parameters())
     plain.to(device=p0.device, dtype=p0.dtype)
     skip = (".adapters.", ".adapter_fusion_layer.", "invertible_adapters", "prefix_tuning", "prompt_tuning", "shared_parameters")
-    sd = {k: v for k, v in base.state_dict().items() if not any(s in k for s in skip)}
+    ah_sd = base.state_dict()
+    sd = {k: v for k, v in ah_sd.items() if not any(s in k for s in skip)}
+    _drop_added_base_params(sd, plain)
     plain.load_state_dict(sd, strict=True)
     plain.train(model.training)
+    family = family_of(plain)
 
+    weights = {n: _parse_site_keys({k: v for k, v in ah_sd.items() if f".adapters.{n}." in k}, "adapters", n,
+                                   plain, family) for n in names}
+    fusion_w = {} if fusion_name is None else _parse_site_keys(
+        {k: v for k, v in ah_sd.items() if f".adapter_fusion_layer.{fusion_name}." in k},
+        "adapter_fusion_layer", fusion_name, plain, family)
     builds = []
-    for i, (old_layer, new_layer) in enumerate(zip(encoder_layers(base), encoder_layers(plain))):
-        old_sites, new_sites = output_sites(old_layer), output_sites(new_layer)
-        for loc, (old_parent, attr) in old_sites.items():
-            old = getattr(old_parent, attr)
-            present = [n for n in names if n in getattr(old, "adapters", {})]
-            if not present:
-                continue
-            if len(present) != len(names) or fusion_name not in old.adapter_fusion_layer:
-                raise ValueError(f"layer {i} {loc}: the Fuse needs adapters {names} and fusion {fusion_name!r}; found {present}")
-            fl = old.adapter_fusion_layer[fusion_name]
-            new_parent, new_attr = new_sites[loc]
-            block = FusedAdapterBlock.from_output_module(
-                getattr(new_parent, new_attr), names, adapter_config=acfg, fusion_config=fcfg,
-                attention_probs_dropout_prob=fl.dropout.p, backend=backend, layer_idx=i,
-            )
-            if block.bottleneck != old.adapters[names[0]].down_sample:
-                raise ValueError(f"layer {i} {loc}: bottleneck {old.adapters[names[0]].down_sample} != expected {block.bottleneck}")
-            adapters_w = {}
-            for n in names:
-                a = old.adapters[n]
-                if not isinstance(a.scaling, float):
-                    raise ValueError(f"adapter {n!r} has a learned scaling; only float scaling is supported")
-                adapters_w[n] = {k: v for k, v in a.state_dict().items()}
-            _fill_block(block, adapters_w, fl.state_dict(), f"layer {i} {loc}")
+    for slot in slots_of(plain, family):
+        present = [n for n in names if slot.ah_prefix in weights[n]]
+        if not present:
+            continue
+        where = f"{slot.ah_prefix} ({slot.site.location})"
+        if len(present) != len(names) or (fusion_name is not None and slot.ah_prefix not in fusion_w):
+            raise ValueError(f"{where}: the Fuse needs adapters {names} and fusion {fusion_name!r}; found {present}")
+        old = base.get_submodule(slot.ah_prefix)
+        fl = old.adapter_fusion_layer[fusion_name] if fusion_name is not None else None
+        p_drop = fl.dropout.p if fl is not None else model_dropout(plain, family)
+        block = build_site_block(plain, slot, names, acfg, fcfg, p_drop, backend)
+        if block.bottleneck != old.adapters[names[0]].down_sample:
+            raise ValueError(f"{where}: bottleneck {old.adapters[names[0]].down_sample} != expected {block.bottleneck}")
+        for n in names:
+            if not isinstance(old.adapters[n].scaling, float):
+                raise ValueError(f"adapter {n!r} has a learned scaling; only float scaling is supported")
+        _fill_block(block, {n: weights[n][slot.ah_prefix] for n in names}, fusion_w.get(slot.ah_prefix), where)
+        if fl is not None:
             block.temperature = float(fl.T)
-            block.train(model.training)
-            builds.append((new_parent, new_attr, block))
+        block.train(model.training)
+        builds.append((slot, block))
     if not builds:
-        raise ValueError(f"no layer carries the fusion {fusion_name!r}")
-    install(builds)
+        raise ValueError(f"no site of this {family.name} model carries the {f'fusion {fusion_name!r}' if fusion_name else f'adapter {names[0]!r}'}")
+    install_sites(plain, builds, install)
+    track_model(plain)  # the temperature clock and the config.afkern record (afkern.pretrained)
     return plain
+
+
+def _drop_added_base_params(sd: Dict[str, torch.Tensor], plain: nn.Module) -> None:
+    """Remove from ``sd`` the base-model parameters ``adapters.init`` added that the plain model
+    cannot hold, if they are zero; else a ValueError that explains (DeBERTa v1's ``in_proj.bias``)."""
+    have = set(plain.state_dict())
+    extra = [k for k in sd if k not in have]
+    nonzero = [k for k in extra if bool(sd[k].ne(0).any())]
+    if nonzero:
+        deberta = [k for k in nonzero if k.endswith("in_proj.bias")]
+        if deberta:
+            raise ValueError(
+                f"this AdapterHub DeBERTa (v1) model has non-zero {deberta[:2]}{' ...' if len(deberta) > 2 else ''}: "
+                "adapters.init wraps the bias-free attention.self.in_proj in a LoRA layer that adds a randomly "
+                "initialised bias, so AdapterHub's DeBERTa computes another function than the transformers model "
+                "(by ~30% with no adapter active). afkern targets the plain transformers model and cannot hold "
+                "that bias. If you accept dropping it (the model then computes the plain DeBERTa with your "
+                "adapters; outputs change), zero it first:\n"
+                "    with torch.no_grad():\n"
+                "        for n, p in model.named_parameters():\n"
+                "            if n.endswith('attention.self.in_proj.bias'): p.zero_()"
+            )
+        raise ValueError(f"the AdapterHub model has base-model parameters the plain {type(plain).__name__} lacks: "
+                         f"{nonzero[:4]}; afkern converts the plain transformers model only")
+    for k in extra:
+        del sd[k]
 
 
 def _resolve_dirs(adapter_dirs) -> List[str]:
@@ -264,14 +383,49 @@ def _resolve_dirs(adapter_dirs) -> List[str]:
     return [os.fspath(d) for d in adapter_dirs]
 
 
-def load_adapterhub(model: nn.Module, adapter_dirs, fusion_dir: Optional[str] = None, backend: str = "auto") -> nn.Module:
-    """Build fused blocks in a plain transformers BERT-family ``model`` from AdapterHub directories.
+def _fusion_dirs(fusion_dir) -> List[Tuple[Optional[str], str]]:
+    """[(name or None, directory)] from one directory, a list of them, or {name: directory}."""
+    if fusion_dir is None:
+        return []
+    if isinstance(fusion_dir, (str, os.PathLike)):
+        return [(None, os.fspath(fusion_dir))]
+    if isinstance(fusion_dir, Mapping):
+        return [(str(k), os.fspath(v)) for k, v in fusion_dir.items()]
+    return [(None, os.fspath(d)) for d in fusion_dir]
+
+
+def _read_fusion(name: Optional[str], directory: str, configs, d_model: int, model, family) -> dict:
+    """One fusion directory, read and checked: its name (given, else AdapterHub's: the config's
+    ``name``, by default ``"a,b,c"``), adapters, config and weights per site."""
+    meta = _read_json(os.path.join(directory, FUSION_CONFIG))
+    names = list(meta.get("adapter_names") or [])
+    if not names:
+        raise ValueError(f"{directory}/{FUSION_CONFIG} lacks 'adapter_names'")
+    missing = [n for n in names if n not in configs]
+    if missing:
+        raise ValueError(f"the fusion in {directory} names adapters {missing} that were not given (given: {list(configs)})")
+    if int(meta.get("hidden_size", d_model)) != d_model:
+        raise ValueError(f"fusion in {directory} has hidden size {meta['hidden_size']}, the model has {d_model}")
+    saved_as = meta.get("name") or ",".join(names)  # the name in the weight keys
+    weights = _parse_site_keys(_read_tensors(_weights_file(directory, FUSION_WEIGHTS)), "adapter_fusion_layer",
+                               saved_as, model, family)
+    return dict(name=name or saved_as, dir=directory, names=names,
+                config=FusionConfig.from_dict(meta.get("config", {})), weights=weights)
+
+
+def load_adapterhub(model: nn.Module, adapter_dirs, fusion_dir=None, backend: str = "auto") -> nn.Module:
+    """Build fused blocks in a plain transformers ``model`` of any supported family from AdapterHub
+    directories (keys mapped through the site table, ``afkern.families``; transformers 4 and 5).
 
     Args:
-        model: an unpatched transformers model (BertModel, BertForSequenceClassification, ...).
+        model: an unpatched transformers model (BertModel, GPT2LMHeadModel, T5ForConditionalGeneration, ...).
         adapter_dirs: directories written by ``save_adapter`` (a list, or {name: dir}).
-        fusion_dir: a directory written by ``save_adapter_fusion``; its ``adapter_names`` order is the
-            fusion order. Without it the adapters are added without fusion (first one active).
+        fusion_dir: a directory written by ``save_adapter_fusion`` (its ``adapter_names`` order is the
+            fusion order), a list of them, or {name: directory}: several fusions, each under
+            AdapterHub's fusion name (``"a,b,c"``, or the name it was saved with) or the given
+            one; the blocks then hold the union of their adapters and the first fusion is active
+            (``afkern.set_active_fusion``, ``afkern.route``). Without it the adapters are added
+            without fusion (first one active).
     The model is modified only after every file was read and checked. Returns the model.
     """
     check_name(backend)
@@ -281,9 +435,9 @@ def load_adapterhub(model: nn.Module, adapter_dirs, fusion_dir: Optional[str] = 
     if any(isinstance(m, FusedAdapterBlock) for m in model.modules()):
         raise ValueError("model already has FusedAdapterBlocks; load into a fresh model")
     d_model = _hidden_size(model)
-    layers = encoder_layers(model)
+    family = family_of(model)
     configs: Dict[str, AdapterConfig] = {}
-    weights: Dict[str, Dict[Tuple[int, str], Dict[str, torch.Tensor]]] = {}
+    weights: Dict[str, Dict[str, Dict[str, torch.Tensor]]] = {}
     for d in dirs:
         meta = _read_json(os.path.join(d, ADAPTER_CONFIG))
         name = meta.get("name")
@@ -294,57 +448,56 @@ def load_adapterhub(model: nn.Module, adapter_dirs, fusion_dir: Optional[str] = 
         if int(meta.get("hidden_size", d_model)) != d_model:
             raise ValueError(f"adapter {name!r} in {d} was trained for hidden size {meta['hidden_size']}, the model has {d_model}")
         configs[name] = AdapterConfig.from_dict(meta["config"])
-        weights[name] = _parse_site_keys(_read_tensors(_weights_file(d, ADAPTER_WEIGHTS)), "adapters", name)
-        bad = [i for (i, _) in weights[name] if i >= len(layers)]
-        if bad:
-            raise ValueError(f"adapter {name!r} has weights for layer {max(bad)} but the model has {len(layers)} layers")
-    fcfg, fusion_w, names = False, {}, list(configs)
-    if fusion_dir is not None:
-        meta = _read_json(os.path.join(fusion_dir, FUSION_CONFIG))
-        names = list(meta.get("adapter_names") or [])
-        if not names:
-            raise ValueError(f"{fusion_dir}/{FUSION_CONFIG} lacks 'adapter_names'")
-        missing = [n for n in names if n not in configs]
-        if missing:
-            raise ValueError(f"the fusion in {fusion_dir} names adapters {missing} that were not given (given: {list(configs)})")
-        if int(meta.get("hidden_size", d_model)) != d_model:
-            raise ValueError(f"fusion in {fusion_dir} has hidden size {meta['hidden_size']}, the model has {d_model}")
-        fcfg = FusionConfig.from_dict(meta.get("config", {}))
-        fusion_w = _parse_site_keys(_read_tensors(_weights_file(fusion_dir, FUSION_WEIGHTS)), "adapter_fusion_layer", ",".join(names))
-        bad = [i for (i, _) in fusion_w if i >= len(layers)]
-        if bad:
-            raise ValueError(f"fusion has weights for layer {max(bad)} but the model has {len(layers)} layers")
+        weights[name] = _parse_site_keys(_read_tensors(_weights_file(d, ADAPTER_WEIGHTS)), "adapters", name,
+                                         model, family)
+    fusions = [_read_fusion(n, fd, configs, d_model, model, family) for n, fd in _fusion_dirs(fusion_dir)]
+    seen: Dict[str, str] = {}
+    for f in fusions:
+        if f["name"] in seen:
+            raise ValueError(f"two fusions named {f['name']!r} ({seen[f['name']]} and {f['dir']}); pass fusion_dir as "
+                             "{name: directory} to load them under different names")
+        seen[f["name"]] = f["dir"]
+    names = list(configs)
+    if fusions:  # the union of the fusions' adapters, in order of appearance
+        names = []
+        for f in fusions:
+            names += [n for n in f["names"] if n not in names]
+    # one fusion over exactly the blocks' adapters under its default name: built with the block
+    single = len(fusions) == 1 and fusions[0]["name"] == ",".join(names)
+    fcfg = fusions[0]["config"] if single else False
     acfg = _common_config({n: configs[n] for n in names})
-    p_drop = _model_dropout(model)
+    p_drop = model_dropout(model, family)
     builds = []
-    for i, layer in enumerate(layers):
-        for loc, (parent, attr) in output_sites(layer).items():
-            have = [n for n in names if (i, loc) in weights[n]]
-            placed = [n for n in names if i not in configs[n].leave_out
-                      and (configs[n].mh_adapter if loc == "attention" else configs[n].output_adapter)]
-            lacking = [n for n in placed if n not in have]
-            if lacking:
-                raise ValueError(
-                    f"adapters {lacking} have no weights for layer {i} {loc}, where their config places an adapter "
-                    f"(saved from a model with fewer layers? the model has {len(layers)})"
-                )
-            if not have:
-                continue
-            if len(have) != len(names):
-                raise ValueError(f"layer {i} {loc}: adapters {sorted(set(names) - set(have))} have no weights there")
-            if fcfg is not False and (i, loc) not in fusion_w:
-                raise ValueError(f"layer {i} {loc}: the fusion has no weights there")
-            block = FusedAdapterBlock.from_output_module(
-                getattr(parent, attr), names, adapter_config=acfg, fusion_config=fcfg,
-                attention_probs_dropout_prob=p_drop, backend=backend, layer_idx=i,
+    for slot in slots_of(model, family):
+        key, where = slot.ah_prefix, f"{slot.ah_prefix} ({slot.site.location})"
+        have = [n for n in names if key in weights[n]]
+        lacking = [n for n in names if site_placed(slot, configs[n]) and n not in have]
+        if lacking:
+            loc = {"mh_adapter": "attention", "cross_adapter": "cross-attention", "output_adapter": "output"}
+            raise ValueError(
+                f"adapters {lacking} have no weights for layer {slot.index} {loc[slot.site.location]} ({key}), where "
+                f"their config places an adapter (saved from a model with fewer layers or sites than this "
+                f"{type(model).__name__}?)"
             )
-            _fill_block(block, {n: weights[n][(i, loc)] for n in names}, fusion_w.get((i, loc)) if fcfg is not False else None,
-                        f"layer {i} {loc}")
-            block.train(model.training)
-            builds.append((parent, attr, block))
+        if not have:
+            continue
+        if len(have) != len(names):
+            raise ValueError(f"{where}: adapters {sorted(set(names) - set(have))} have no weights there")
+        for f in fusions:
+            if key not in f["weights"]:
+                raise ValueError(f"{where}: the fusion {f['name']!r} ({f['dir']}) has no weights there")
+        block = build_site_block(model, slot, names, acfg, fcfg, p_drop, backend)
+        _fill_block(block, {n: weights[n][key] for n in names}, None, where)
+        for f in fusions:
+            module = block.fusions[f["name"]] if single else block.add_fusion(f["name"], f["names"], f["config"])
+            _fill_fusion(module, f["weights"][key], f"{where}, fusion {f['name']!r}")
+        if fusions and not single:
+            block.set_active_fusion(fusions[0]["name"])
+        builds.append((slot, block))
     if not builds:
-        raise ValueError("no adapter weights matched the model's layers")
-    install(builds)
+        raise ValueError("no adapter weights matched the model's sites")
+    install_sites(model, builds, install)
+    track_model(model)  # the temperature clock and the config.afkern record (afkern.pretrained)
     return model
 
 
@@ -360,14 +513,18 @@ def _write_weights(directory: str, names: Sequence[str], tensors: Dict[str, torc
             os.unlink(stale)
 
 
-def save_adapterhub(model: nn.Module, out_dir: str, safe_serialization: Optional[bool] = None) -> Dict[str, str]:
-    """Write every adapter (and the fusion) of ``model``'s fused blocks as AdapterHub directories.
+def save_adapterhub(model: nn.Module, out_dir: str, safe_serialization: Optional[bool] = None,
+                    fusions=None) -> Dict[str, str]:
+    """Write every adapter and every fusion of ``model``'s fused blocks as AdapterHub directories.
 
-    Layout: ``out_dir/<adapter>/`` for each adapter and ``out_dir/<a,b,...>/`` for the fusion,
-    loadable by AdapterHub's ``load_adapter`` / ``load_adapter_fusion`` and by
-    :func:`load_adapterhub`. ``safe_serialization``: True writes safetensors only (AdapterHub then
-    needs ``use_safetensors=True``), False ``.bin`` only, None (default) both, so AdapterHub's
-    default ``load_adapter(dir)`` reads it too. Returns {name: directory}. Each file is written
+    Layout: ``out_dir/<adapter>/`` for each adapter and ``out_dir/<fusion name>/`` for each fusion
+    (AdapterHub's default name is ``"a,b,c"``; a fusion named otherwise is saved under that name,
+    as AdapterHub's ``add_adapter_fusion(..., name=...)`` does), loadable by AdapterHub's
+    ``load_adapter`` / ``load_adapter_fusion`` and by :func:`load_adapterhub`.
+    ``safe_serialization``: True writes safetensors only (AdapterHub then needs
+    ``use_safetensors=True``), False ``.bin`` only, None (default) both, so AdapterHub's default
+    ``load_adapter(dir)`` reads it too. ``fusions``: which fusions to write (default all): a list
+    of names, or {name: name to save it under}. Returns {name: directory}. Each file is written
     atomically.
     """
     blocks = list(fused_blocks(model))
@@ -375,26 +532,38 @@ def save_adapterhub(model: nn.Module, out_dir: str, safe_serialization: Optional
         raise ValueError(f"{type(model).__name__} has no FusedAdapterBlock to save")
     base = getattr(model, "base_model", model)
     prefix = "" if base is model else f"{model.base_model_prefix}."
-    base_names = {id(m): n for n, m in base.named_modules()}
+    ah_names = {id(b): slot.ah_prefix for slot, b in site_blocks(model, family_of(model))}  # AdapterHub's site names
     names = blocks[0][1].adapter_names
-    acfg, fcfg = blocks[0][1].adapter_config, blocks[0][1].fusion_config
+    acfg = blocks[0][1].adapter_config
     hidden = blocks[0][1].hidden_size
+    have = list(blocks[0][1].fusions)
+    if fusions is None:
+        save_as = {k: k for k in have}
+    else:
+        save_as = {fusions: fusions} if isinstance(fusions, str) else (
+            dict(fusions) if isinstance(fusions, Mapping) else {k: k for k in fusions})
+        unknown = [k for k in save_as if k not in have]
+        if unknown:
+            raise ValueError(f"unknown fusions {unknown}; the model has {have}")
     per_adapter: Dict[str, Dict[str, torch.Tensor]] = {n: {} for n in names}
-    fusion: Dict[str, torch.Tensor] = {}
-    fusion_name = ",".join(names)
+    fusion: Dict[str, Dict[str, torch.Tensor]] = {k: {} for k in save_as}
+    placed = [q for q, b in blocks if id(b) not in ah_names]
+    if placed:
+        raise ValueError(f"fused blocks {placed[:3]} are not at a site of the {family_of(model).name} site table "
+                         "(placed by hand?); AdapterHub has no key name for them")
     for _, b in blocks:
-        if b.adapter_names != names:
-            raise ValueError("blocks carry different adapter sets; save_adapterhub expects one fusion setup")
-        site = prefix + base_names[id(b)]
+        if b.adapter_names != names or list(b.fusions) != have:
+            raise ValueError("blocks carry different adapter or fusion sets; save_adapterhub expects one setup")
+        site = prefix + ah_names[id(b)]
         for n, name in enumerate(names):
             for k, v in b.adapter_state(n).items():
                 per_adapter[name][f"{site}.adapters.{name}.{k}"] = v
-        if fcfg is not None:
+        for k, as_name in save_as.items():
             for lin_name in ("query", "key", "value"):
-                lin = getattr(b, lin_name, None)
+                lin = getattr(b.fusions[k], lin_name, None)
                 if lin is not None:
                     for pname, p in lin.named_parameters():
-                        fusion[f"{site}.adapter_fusion_layer.{fusion_name}.{lin_name}.{pname}"] = p
+                        fusion[k][f"{site}.adapter_fusion_layer.{as_name}.{lin_name}.{pname}"] = p
     model_type = getattr(getattr(model, "config", None), "model_type", "")
     common = {"hidden_size": hidden, "model_class": type(model).__name__, "model_name": "", "model_type": model_type,
               "version": "adapters.1.3.0"}
@@ -404,9 +573,11 @@ def save_adapterhub(model: nn.Module, out_dir: str, safe_serialization: Optional
         _write_weights(d, ADAPTER_WEIGHTS, per_adapter[name], safe_serialization)
         atomic_write_json(os.path.join(d, ADAPTER_CONFIG), dict(common, name=name, config=acfg.to_adapterhub_dict()))
         written[name] = d
-    if fcfg is not None:
-        d = os.path.join(out_dir, fusion_name)
-        _write_weights(d, FUSION_WEIGHTS, fusion, safe_serialization)
-        atomic_write_json(os.path.join(d, FUSION_CONFIG), dict(common, name=fusion_name, adapter_names=names, config=fcfg.to_dict()))
-        written[fusion_name] = d
+    for k, as_name in save_as.items():
+        f = blocks[0][1].fusions[k]
+        d = os.path.join(out_dir, as_name)
+        _write_weights(d, FUSION_WEIGHTS, fusion[k], safe_serialization)
+        atomic_write_json(os.path.join(d, FUSION_CONFIG), dict(common, name=as_name, adapter_names=list(f.adapter_names),
+                                                                config=f.config.to_dict()))
+        written[as_name] = d
     return written

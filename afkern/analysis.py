@@ -25,10 +25,14 @@ def record_fusion_weights(model: nn.Module, enabled: bool = True) -> nn.Module:
     return model
 
 
-def fusion_weights(model: nn.Module, mask: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+def fusion_weights(model: nn.Module, mask: Optional[torch.Tensor] = None,
+                   fusion: Optional[str] = None) -> Dict[str, torch.Tensor]:
     """{block name: mean fusion weight per adapter [N]} from the last recorded forward.
 
-    ``mask`` [batch, seq] (an attention mask) restricts the mean to real tokens. Tensors stay on
+    ``mask`` [batch, seq] (an attention mask) restricts the mean to real tokens. ``fusion``: the
+    mean over the tokens that ran through that fusion, per adapter of that fusion (in its order);
+    after a routed forward (``afkern.route``) the recorded weights are [..., N] over all of the
+    block's adapters, 0 outside each token's fusion, and ``fusion`` picks one. Tensors stay on
     their device; nothing is synchronised.
     """
     out = {}
@@ -36,13 +40,24 @@ def fusion_weights(model: nn.Module, mask: Optional[torch.Tensor] = None) -> Dic
         w = b.fusion_weights
         if w is None:
             continue
+        rec = b.__dict__.get("fusion_route")
+        routed = rec is not None and rec.weights is w
+        flat = w.reshape(-1, w.shape[-1])
         if mask is not None:
-            if mask.numel() != w[..., 0].numel():
+            if mask.numel() != flat.shape[0]:
                 raise ValueError(f"mask {tuple(mask.shape)} does not match the {tuple(w.shape[:-1])} tokens of {name}'s last forward")
-            m = mask.to(device=w.device, dtype=w.dtype).reshape(-1, 1)
-            out[name] = (w.reshape(-1, w.shape[-1]) * m).sum(0) / m.sum().clamp_min(1)
+            m = mask.to(device=w.device, dtype=w.dtype).reshape(-1)
         else:
-            out[name] = w.reshape(-1, w.shape[-1]).mean(0)
+            m = torch.ones(flat.shape[0], device=w.device, dtype=w.dtype)
+        if fusion is not None:
+            if fusion not in b.fusions:
+                raise ValueError(f"unknown fusion {fusion!r}; {name} has fusions {list(b.fusions)}")
+            if routed:
+                m = m * rec.token_mask(fusion).to(m.dtype)
+                flat = flat[:, [b.adapter_names.index(n) for n in b.fusions[fusion].adapter_names]]
+            elif fusion != b.active_fusion:
+                raise ValueError(f"{name}'s last recorded forward ran fusion {b.active_fusion!r}, not {fusion!r}")
+        out[name] = (flat * m.unsqueeze(-1)).sum(0) / m.sum().clamp_min(1)
     return out
 
 

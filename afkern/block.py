@@ -28,6 +28,7 @@ from .config import FusionConfig, load_adapter_config
 from .fusion import AdapterFusion, FusionControl
 from .ops.fold import FoldedWeights, fold_weights
 from .ops.params import FusionParams, LayerSpec
+from .ops.routed import current_route
 
 __all__ = ["FusedAdapterBlock", "check_adapter_names"]
 
@@ -133,8 +134,8 @@ class FusedAdapterBlock(nn.Module):
         self.record_fusion_weights = False
         self.fusion_weights: Optional[torch.Tensor] = None
         self._folded: Dict[str, Tuple[tuple, FoldedWeights]] = {}
-        # inference-time control of the active fusion's weights (afkern.control); None: plain fusion
-        self.fusion_control: Optional[FusionControl] = None
+        # inference-time controls of the fusions' weights (afkern.control) live on each fusion
+        # (``fusion.control``); ``fusion_control`` is the active fusion's
 
     # ------------------------------------------------------------------ init
     @torch.no_grad()
@@ -195,7 +196,6 @@ class FusedAdapterBlock(nn.Module):
         if name not in self.fusions:
             raise ValueError(f"unknown fusion {name!r}; the block has {list(self.fusions)}")
         self.active_fusion, self.active_adapter = name, None
-        self.fusion_control = None
         return self
 
     def set_active_adapter(self, name: str) -> "FusedAdapterBlock":
@@ -203,13 +203,28 @@ class FusedAdapterBlock(nn.Module):
         if name not in self.adapter_names:
             raise ValueError(f"unknown adapter {name!r}; the block has {self.adapter_names}")
         self.active_fusion, self.active_adapter = None, name
-        self.fusion_control = None
         return self
 
     @property
     def fusion(self) -> Optional[AdapterFusion]:
         """The active fusion (None when a single adapter is active)."""
         return None if self.active_fusion is None else self.fusions[self.active_fusion]
+
+    @property
+    def fusion_control(self) -> Optional[FusionControl]:
+        """The active fusion's inference-time control (``afkern.control``), or None. Each fusion keeps
+        its own (``fusion.control``), so switching the active fusion does not lose one."""
+        f = self.fusion
+        return None if f is None else f.control
+
+    @fusion_control.setter
+    def fusion_control(self, control: Optional[FusionControl]) -> None:
+        f = self.fusion
+        if f is None:
+            if control is not None:
+                raise ValueError("fusion controls belong to a fusion; this block runs a single adapter")
+            return
+        f.control = control
 
     @property
     def fusion_config(self) -> Optional[FusionConfig]:
@@ -387,6 +402,7 @@ class FusedAdapterBlock(nn.Module):
     def invalidate_folded(self) -> "FusedAdapterBlock":
         """Drop the folded inference weights; the next no-grad forward folds afresh."""
         self._folded = {}
+        self.__dict__.pop("_routed_folded", None)  # afkern.routing's folds over all adapters
         return self
 
     def train(self, mode: bool = True) -> "FusedAdapterBlock":
@@ -426,14 +442,23 @@ class FusedAdapterBlock(nn.Module):
     def score_dropout_scale(self, tokens: int, device, fusion: Optional[AdapterFusion] = None) -> torch.Tensor:
         """The score-dropout scale [tokens, N] of one training forward: 0 for a dropped score,
         1/(1-p) for a kept one (nn.Dropout's rule). Drawn from torch's RNG, so ``torch.manual_seed``
-        reproduces it; every backend, forward and backward, uses this one tensor."""
+        reproduces it; every backend, forward and backward, uses this one tensor.
+
+        It is nn.Dropout's own draw (``F.dropout`` of ones: bernoulli(1 - p), then / (1 - p)) on
+        the [tokens, N] scores that AdapterHub's ``BertFusion.dropout`` sees, so under the same seed
+        and the same sequence of RNG calls the mask is AdapterHub's mask, value for value."""
         fusion = fusion if fusion is not None else self.fusion
         rate = fusion.score_dropout
-        keep = torch.rand(tokens, len(fusion.adapter_names), device=device) >= rate
-        return keep.to(torch.float32) / (1.0 - rate)
+        ones = torch.ones(tokens, len(fusion.adapter_names), device=device, dtype=torch.float32)
+        return nn.functional.dropout(ones, rate, training=True)
 
     def _needs_grad(self, fusion: AdapterFusion) -> bool:
-        return torch.is_grad_enabled() and any(t.requires_grad for t in self._fold_sources(fusion))
+        """Whether the fusion's weights must stay unfolded: they need gradients now, or they are
+        trainable and the block is training (reentrant gradient checkpointing runs the training
+        forward under no_grad; it must compute what its recomputation does, and folding weights
+        that change at every step would refold at every step)."""
+        trainable = any(t.requires_grad for t in self._fold_sources(fusion))
+        return trainable and (torch.is_grad_enabled() or self.training)
 
     def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
         self._check_inputs(hidden_states, input_tensor)
@@ -442,7 +467,14 @@ class FusedAdapterBlock(nn.Module):
 
     def adapter_forward(self, h: torch.Tensor, residual_input: torch.Tensor) -> torch.Tensor:
         """AdapterHub's ``bottleneck_layer_forward(h, residual_input, layer_norm)`` for the active
-        setup, with this site's norm; h, residual_input [..., d] -> [..., d]."""
+        setup, with this site's norm; h, residual_input [..., d] -> [..., d]. Under
+        ``afkern.route(...)`` each sequence runs through its own fusion or adapter instead."""
+        if not torch.compiler.is_compiling():
+            route = current_route(self)
+            if route is not None:
+                from .routing import routed_forward
+
+                return routed_forward(self, h, residual_input, route)
         d = self.hidden_size
         lead = h.shape[:-1]
         h2 = h.reshape(-1, d)
@@ -488,7 +520,8 @@ class FusedAdapterBlock(nn.Module):
         w = dense.weight
         block = cls(
             hidden_size=dense.out_features, adapter_names=adapter_names, adapter_config=adapter_config,
-            fusion_config=fusion_config, in_features=dense.in_features, layer_norm_eps=ln.eps,
+            fusion_config=fusion_config, in_features=dense.in_features,
+            layer_norm_eps=float(getattr(ln, "eps", getattr(ln, "variance_epsilon", 1e-12))),  # DebertaLayerNorm
             attention_probs_dropout_prob=attention_probs_dropout_prob, backend=backend, layer_idx=layer_idx,
             device=w.device, dtype=w.dtype, fusion_name=fusion_name,
         )
@@ -555,6 +588,12 @@ class FusedAdapterBlock(nn.Module):
         kept_fusions = {k: [n for n in f.adapter_names if n in names] for k, f in self.fusions.items()}
         if self.active_fusion is not None and not kept_fusions[self.active_fusion]:
             raise ValueError(f"the active fusion {self.active_fusion!r} would be left with no adapter")
+        renamed = {k: (",".join(kept) if kept and k == ",".join(self.fusions[k].adapter_names) else k)
+                   for k, kept in kept_fusions.items()}
+        live = [renamed[k] for k, kept in kept_fusions.items() if kept]
+        taken = [n for n in live if live.count(n) > 1]
+        if taken:
+            raise ValueError(f"keeping {names} would give two fusions the name {taken[0]!r}")
         w = self.down_weight
         new = FusedAdapterBlock(
             hidden_size=self.hidden_size, adapter_names=names, adapter_config=self.adapter_config,
@@ -573,12 +612,14 @@ class FusedAdapterBlock(nn.Module):
         for k, f in self.fusions.items():
             if not kept_fusions[k]:
                 continue
-            nf = new.add_fusion(k, kept_fusions[k], f.config, score_dropout=f.score_dropout)
+            # a fusion under AdapterHub's default name ("a,b,c") keeps the default name of what it keeps
+            nk = renamed[k]
+            nf = new.add_fusion(nk, kept_fusions[k], f.config, score_dropout=f.score_dropout)
             nf.load_state_dict(f.state_dict())
             for p_src, p_dst in zip(f.parameters(), nf.parameters()):
                 p_dst.requires_grad_(p_src.requires_grad)
         if self.active_fusion is not None:
-            new.set_active_fusion(self.active_fusion)
+            new.set_active_fusion(renamed[self.active_fusion])
         else:
             new.set_active_adapter(self.active_adapter)
         new.record_fusion_weights = self.record_fusion_weights

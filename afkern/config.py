@@ -25,7 +25,8 @@ class AdapterConfig:
     ``reduction_factor`` gives the bottleneck ``r = hidden // reduction_factor`` (at least 1), as
     AdapterHub computes it; a mapping ``{"<layer>": rf, "default": rf}`` sets it per layer.
     ``mh_adapter`` places an adapter after attention (``BertSelfOutput``), ``output_adapter``
-    after the feed-forward block (``BertOutput``); Houlsby uses both.
+    after the feed-forward block (``BertOutput``); Houlsby uses both. ``cross_adapter`` places one
+    after the decoder's cross-attention (encoder-decoder families: BART, T5).
     """
 
     mh_adapter: bool = False
@@ -61,7 +62,6 @@ class AdapterConfig:
             "use_gating": (self.use_gating, False),
             "inv_adapter": (self.inv_adapter, None),
             "phm_layer": (self.phm_layer, False),
-            "cross_adapter": (self.cross_adapter, False),
             "stochastic_depth": (self.stochastic_depth, 0.0),
         }
         for name, (value, default) in unsupported.items():
@@ -79,8 +79,8 @@ class AdapterConfig:
             raise ValueError(f"AdapterConfig.residual_before_ln must be True, False or 'post_add', got {self.residual_before_ln!r}")
         if self.residual_before_ln == "post_add" and not self.original_ln_before:
             raise ValueError("AdapterConfig.residual_before_ln='post_add' needs original_ln_before=True")
-        if not (self.mh_adapter or self.output_adapter):
-            raise ValueError("AdapterConfig needs mh_adapter or output_adapter (or both) set")
+        if not (self.mh_adapter or self.output_adapter or self.cross_adapter):
+            raise ValueError("AdapterConfig needs mh_adapter, output_adapter or cross_adapter set")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"AdapterConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if self.init_weights not in ("bert", "mam_adapter", "houlsby"):

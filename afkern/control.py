@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from .block import FusedAdapterBlock, check_adapter_names
-from .fusion import FusionControl
+from .fusion import AdapterFusion, FusionControl
 from .model import blocks_of, fused_blocks, replace_blocks
 
 __all__ = [
@@ -57,6 +57,17 @@ def _blocks(model_or_block: nn.Module) -> List[FusedAdapterBlock]:
     return blocks
 
 
+def _fusions(model_or_block: nn.Module, fusion: Optional[str]) -> List[AdapterFusion]:
+    """The fusion a control acts on in every block: the named one, or the active one."""
+    if fusion is None:
+        return [b.fusion for b in _blocks(model_or_block)]
+    blocks = blocks_of(model_or_block, "adapter control")
+    for b in blocks:
+        if fusion not in b.fusions:
+            raise ValueError(f"unknown fusion {fusion!r}; the model has fusions {list(b.fusions)}")
+    return [b.fusions[fusion] for b in blocks]
+
+
 def _as_names(names: Names) -> List[str]:
     out = [names] if isinstance(names, str) else list(names)
     if any(not isinstance(n, str) for n in out):
@@ -64,32 +75,34 @@ def _as_names(names: Names) -> List[str]:
     return out
 
 
-def _indices(block: FusedAdapterBlock, names: Iterable[str]) -> List[int]:
-    """Positions of ``names`` among the active fusion's adapters."""
-    have = block.fusion.adapter_names
+def _indices(fusion: AdapterFusion, names: Iterable[str]) -> List[int]:
+    """Positions of ``names`` among the fusion's adapters."""
+    have = fusion.adapter_names
     unknown = [n for n in names if n not in have]
     if unknown:
         raise ValueError(f"unknown adapters {unknown}; the fusion has {have}")
     return [have.index(n) for n in names]
 
 
-def _set(blocks: List[FusedAdapterBlock], controls: List[FusionControl]) -> None:
-    for b, c in zip(blocks, controls):  # every control was built (and checked) first
-        b.fusion_control = c
+def _set(fusions: List[AdapterFusion], controls: List[FusionControl]) -> None:
+    for f, c in zip(fusions, controls):  # every control was built (and checked) first
+        f.control = c
 
 
 # ---------------------------------------------------------------------------------- public
-def zero_adapters(model_or_block: nn.Module, names: Names) -> nn.Module:
+def zero_adapters(model_or_block: nn.Module, names: Names, fusion: Optional[str] = None) -> nn.Module:
     """Give the named adapters fusion weight 0 in every block and renormalise the others
-    (the same output as the fusion with them dropped, see :func:`drop_adapters`)."""
+    (the same output as the fusion with them dropped, see :func:`drop_adapters`). ``fusion``: the
+    fusion to control (default: the active one); each fusion keeps its own control, also when
+    routed (``afkern.route``)."""
     names = _as_names(names)
-    blocks = _blocks(model_or_block)
+    blocks = _fusions(model_or_block, fusion)
     controls = []
     for b in blocks:
         idx = _indices(b, names)
-        n = len(b.fusion.adapter_names)
+        n = len(b.adapter_names)
         if len(set(idx)) >= n:
-            raise ValueError(f"zeroing {names} would leave no adapter of {b.fusion.adapter_names}")
+            raise ValueError(f"zeroing {names} would leave no adapter of {b.adapter_names}")
         prior = torch.zeros(n)
         prior[idx] = -math.inf
         controls.append(FusionControl(log_prior=prior))
@@ -97,32 +110,33 @@ def zero_adapters(model_or_block: nn.Module, names: Names) -> nn.Module:
     return model_or_block
 
 
-def force_adapter(model_or_block: nn.Module, name: str) -> nn.Module:
+def force_adapter(model_or_block: nn.Module, name: str, fusion: Optional[str] = None) -> nn.Module:
     """Give adapter ``name`` fusion weight 1 (all others 0) in every block:
-    the block computes ``LN(up_name Wv + residual + input)``."""
+    the block computes ``LN(up_name Wv + residual + input)``. ``fusion``: as in :func:`zero_adapters`."""
     if not isinstance(name, str):
         raise TypeError(f"force_adapter takes one adapter name, got {name!r}")
-    blocks = _blocks(model_or_block)
+    blocks = _fusions(model_or_block, fusion)
     controls = []
     for b in blocks:
         (i,) = _indices(b, [name])
-        p = torch.zeros(len(b.fusion.adapter_names))
+        p = torch.zeros(len(b.adapter_names))
         p[i] = 1.0
         controls.append(FusionControl(probs=p))
     _set(blocks, controls)
     return model_or_block
 
 
-def force_fusion_weights(model_or_block: nn.Module, weights: Union[Mapping[str, float], Sequence[float], torch.Tensor]) -> nn.Module:
+def force_fusion_weights(model_or_block: nn.Module, weights: Union[Mapping[str, float], Sequence[float], torch.Tensor],
+                         fusion: Optional[str] = None) -> nn.Module:
     """Use a fixed mixing vector in every block instead of the attention scores.
 
     ``weights``: {adapter name: weight} (missing adapters get 0) or a sequence/tensor [N] in the
-    fusion's adapter order; non-negative, summing to 1.
+    fusion's adapter order; non-negative, summing to 1. ``fusion``: as in :func:`zero_adapters`.
     """
-    blocks = _blocks(model_or_block)
+    blocks = _fusions(model_or_block, fusion)
     controls = []
     for b in blocks:
-        have = b.fusion.adapter_names
+        have = b.adapter_names
         if isinstance(weights, Mapping):
             idx = _indices(b, list(weights))
             p = torch.zeros(len(have), dtype=torch.float64)
@@ -138,36 +152,36 @@ def force_fusion_weights(model_or_block: nn.Module, weights: Union[Mapping[str, 
     return model_or_block
 
 
-def clear_fusion_control(model_or_block: nn.Module) -> nn.Module:
-    """Back to the trained fusion in every block."""
-    for b in _blocks(model_or_block):
-        b.fusion_control = None
+def clear_fusion_control(model_or_block: nn.Module, fusion: Optional[str] = None) -> nn.Module:
+    """Back to the trained fusion (the active one, or ``fusion``) in every block."""
+    for f in _fusions(model_or_block, fusion):
+        f.control = None
     return model_or_block
 
 
 @contextlib.contextmanager
 def fusion_control(model_or_block: nn.Module, zero: Optional[Names] = None, force: Optional[str] = None,
-                   weights=None) -> Iterator[nn.Module]:
+                   weights=None, fusion: Optional[str] = None) -> Iterator[nn.Module]:
     """Context manager: ``with afkern.fusion_control(model, zero=["b"]): model(**batch)``.
 
-    Exactly one of ``zero``, ``force``, ``weights``; the blocks' previous controls are restored
-    on exit.
+    Exactly one of ``zero``, ``force``, ``weights``, for the active fusion or ``fusion``; the
+    fusions' previous controls are restored on exit.
     """
     if sum(x is not None for x in (zero, force, weights)) != 1:
         raise ValueError("fusion_control takes exactly one of zero=, force=, weights=")
-    blocks = _blocks(model_or_block)
-    saved = [b.fusion_control for b in blocks]
+    fusions = _fusions(model_or_block, fusion)
+    saved = [f.control for f in fusions]
     try:
         if zero is not None:
-            zero_adapters(model_or_block, zero)
+            zero_adapters(model_or_block, zero, fusion)
         elif force is not None:
-            force_adapter(model_or_block, force)
+            force_adapter(model_or_block, force, fusion)
         else:
-            force_fusion_weights(model_or_block, weights)
+            force_fusion_weights(model_or_block, weights, fusion)
         yield model_or_block
     finally:
-        for b, c in zip(blocks, saved):
-            b.fusion_control = c
+        for f, c in zip(fusions, saved):
+            f.control = c
 
 
 def select_adapters(block: FusedAdapterBlock, names: Sequence[str]) -> FusedAdapterBlock:

@@ -49,10 +49,9 @@ class AdapterFusion(nn.Module):
             raise ValueError(f"score dropout must be in [0, 1), got {score_dropout!r}")
         self.score_dropout = float(score_dropout)
         self._temperature = 1.0
-        # the temperature clock of a model forward (``start_temperature_step``): a step is open
-        # (the next forward of this fusion anneals once), and the temperature the current step uses
-        self._step_pending = False
-        self._step_temperature: Optional[float] = None
+        # the temperature clock of a model forward (``start_temperature_step``): None for a fusion no
+        # model drives; else the temperatures this step's forwards used, in call order
+        self._step_temps: Optional[List[float]] = None
         #: inference-time control of this fusion's weights (``afkern.control``); None: plain fusion
         self.control: Optional["FusionControl"] = None
         self.reset_parameters()
@@ -85,21 +84,29 @@ class AdapterFusion(nn.Module):
 
     def begin_forward(self) -> float:
         """The temperature this forward uses. AdapterHub lowers it by T_START / 1000 after every
-        forward of the fusion layer (train and eval alike).
+        call of the fusion layer (train and eval alike; ALBERT's shared layers call it once per
+        depth).
 
         In a model that afkern patched or loaded, a forward of the model opens a step
-        (:func:`start_temperature_step`): the fusion's first forward in the step uses the current
-        temperature and anneals it, once; any later forward of it before the next model forward
-        (gradient checkpointing's recomputation inside backward) uses that same temperature. A
-        fusion that no model drives (a standalone block) anneals on every forward, as AdapterHub."""
+        (:func:`start_temperature_step`): each call of the fusion in the step uses the current
+        temperature and anneals it, as AdapterHub does, and the step remembers the values used.
+        Gradient checkpointing recomputes calls inside backward, last call first: such a
+        recomputation takes back the value its call used, so it sees the same temperature and the
+        temperature moves only with the model's forwards. A fusion that no model drives (a
+        standalone block) anneals on every forward, as AdapterHub.
+
+        Limits: two model forwards followed by one backward over both losses give the first
+        forward's recomputations the second forward's values; the usual forward / backward loop,
+        gradient accumulation included, is exact."""
         if not self.config.temperature:
             return self._temperature
-        if self._step_temperature is not None and not self._step_pending:
-            return self._step_temperature  # a recomputation of this step's forward
+        steps = self._step_temps
+        if steps and torch._C._current_graph_task_id() != -1:
+            return steps.pop()  # a recomputation inside backward: calls replay last first
         t = self._temperature
         self._temperature = max(t - T_START / 1000.0, 1.0)
-        if self._step_pending:
-            self._step_pending, self._step_temperature = False, t
+        if steps is not None:
+            steps.append(t)
         return t
 
     def get_extra_state(self) -> torch.Tensor:
@@ -129,14 +136,14 @@ class AdapterFusion(nn.Module):
 
 def start_temperature_step(model: nn.Module, *args) -> None:
     """Forward pre-hook of a patched model: open a temperature step for every annealed fusion in
-    it, so each anneals once in this model forward and a recomputation of its forward (gradient
-    checkpointing, reentrant or not) sees the same temperature (:meth:`AdapterFusion.begin_forward`).
-    Fusions that do not run in this forward do not anneal, as in AdapterHub."""
+    it, so each call anneals as in AdapterHub and a recomputation of a call (gradient
+    checkpointing, reentrant or not) sees the temperature that call used
+    (:meth:`AdapterFusion.begin_forward`). Fusions that do not run in this forward do not anneal."""
     if torch.compiler.is_compiling():
         return None  # compiled graphs keep the per-forward rule (the module walk is not traced)
     for m in model.modules():
         if isinstance(m, AdapterFusion) and m.config.temperature:
-            m._step_pending = True
+            m._step_temps = []
     return None
 
 

@@ -1,9 +1,11 @@
-"""Swapping ``FusedAdapterBlock``s into HF BERT-family models, and converting AdapterHub models.
+"""Placing ``FusedAdapterBlock``s in HF transformers models of every supported family.
 
-Where the blocks go: every encoder layer of a BERT-family model has an attention output module
-(``layer.attention.output``: BertSelfOutput, RobertaSelfOutput, ...) and a feed-forward output
-module (``layer.output``: BertOutput, ...), both ``dense -> dropout -> LayerNorm(. + input)``.
-``output_adapter`` puts a block at the latter, ``mh_adapter`` at the former (Houlsby: both).
+Where the blocks go is data: the site table (``afkern/families.py``, mechanism in
+``afkern/sites.py``, research in docs/FAMILIES.md). BERT-style encoders get their output modules
+swapped (``BertOutput`` for ``output_adapter``, ``BertSelfOutput`` for ``mh_adapter``; Houlsby:
+both); the other families keep their modules and get the block as ``<layer>.afkern_<site>`` with
+hooks that hand it AdapterHub's ``h`` and ``residual_input`` and put its output where AdapterHub's
+goes.
 """
 
 from __future__ import annotations
@@ -15,9 +17,13 @@ import torch.nn as nn
 from .backends import check_name
 from .block import FusedAdapterBlock, check_adapter_names
 from .config import FusionConfig, load_adapter_config
+from .families import family_of
+from .pretrained import track_model
 from .model import fused_blocks, install
+from .sites import Family, Slot, _get, install_sites, slots_of
 
-__all__ = ["patch_model", "patch_bert", "encoder_layers", "output_sites"]
+__all__ = ["patch_model", "patch_bert", "encoder_layers", "output_sites", "build_site_block", "site_placed",
+           "model_dropout"]
 
 
 def encoder_layers(model: nn.Module) -> List[nn.Module]:
@@ -50,9 +56,51 @@ def output_sites(layer: nn.Module) -> Dict[str, Tuple[nn.Module, str]]:
     return sites
 
 
-def _model_dropout(model) -> float:
+def model_dropout(model, family: Family = None) -> float:
+    """AdapterHub's default fusion score dropout for ``model``: the config attribute its family maps
+    ``attention_probs_dropout_prob`` to (0 where it maps none: Llama, Mistral, Qwen2)."""
     cfg = getattr(model, "config", None)
-    return float(getattr(cfg, "attention_probs_dropout_prob", 0.0) or 0.0)
+    attr = "attention_probs_dropout_prob" if family is None else family.score_dropout
+    return float((getattr(cfg, attr, 0.0) if attr else 0.0) or 0.0)
+
+
+_model_dropout = model_dropout
+
+
+def site_placed(slot: Slot, acfg) -> bool:
+    """Whether AdapterHub places an adapter of config ``acfg`` at ``slot`` (its location flag, and
+    the layer not in ``leave_out``)."""
+    return bool(getattr(acfg, slot.site.location)) and slot.index not in acfg.leave_out
+
+
+def build_site_block(model: nn.Module, slot: Slot, names, acfg, fcfg, p_drop: float, backend: str) -> FusedAdapterBlock:
+    """A new block for ``slot`` (not yet in the model): around the output module of a swap site,
+    or a hook site's block with the site's norm attached (none at a norm-free site)."""
+    if slot.site.kind == "swap":
+        block = FusedAdapterBlock.from_output_module(
+            _get(slot.layer, slot.site.swap), names, adapter_config=acfg, fusion_config=fcfg,
+            attention_probs_dropout_prob=p_drop, backend=backend, layer_idx=slot.index,
+        )
+    else:
+        p0 = next(slot.layer.parameters())
+        block = FusedAdapterBlock(
+            hidden_size=int(model.config.hidden_size), adapter_names=names, adapter_config=acfg, fusion_config=fcfg,
+            attention_probs_dropout_prob=p_drop, backend=backend, layer_idx=slot.index, device=p0.device,
+            dtype=p0.dtype, wrap_output=False,
+        )
+        block.attach_norm(_get(slot.layer, slot.site.norm) if slot.site.norm else None)
+    block.train(model.training)
+    return block
+
+
+def check_placement(family: Family, acfg, model: nn.Module) -> None:
+    """A ValueError if the config asks for a site the family lacks (AdapterHub would place nothing)."""
+    have = family.locations()
+    asked = [loc for loc in ("mh_adapter", "cross_adapter", "output_adapter") if getattr(acfg, loc)]
+    lacking = [loc for loc in asked if loc not in have]
+    if lacking:
+        raise ValueError(f"the adapter config places {lacking} but a {family.name} model "
+                         f"({type(model).__name__}) has no such site; its sites are {list(have)}")
 
 
 def patch_model(
@@ -62,10 +110,15 @@ def patch_model(
     fusion_config=None,
     backend: str = "auto",
 ) -> nn.Module:
-    """Swap fused blocks into a loaded transformers BERT-family model, in place, and return it.
+    """Place fused blocks in a loaded transformers model of any supported family (site table:
+    ``afkern.families``), in place, where AdapterHub places the adapters of ``adapter_config``
+    (Pfeiffer: after the feed-forward block; Houlsby: after attention too; ``cross_adapter``: at
+    the decoder's cross-attention), and return it.
 
     New adapters and the fusion are initialised as AdapterHub initialises them; the model's own
-    dense and LayerNorm weights are kept (shared). ``fusion_config=False`` adds the adapters
+    weights are kept (shared) and its ``state_dict`` keys unchanged (hook sites add
+    ``<layer>.afkern_<site>.*``). A model of an unsupported family raises TypeError listing the
+    supported ones, untouched. ``fusion_config=False`` adds the adapters
     without a fusion (one active adapter, ``set_active_adapter``), for single-task training.
     The base model's parameters are left as they were (freeze them yourself, or use
     :func:`afkern.train`).
@@ -76,33 +129,18 @@ def patch_model(
     check_name(backend)
     acfg = load_adapter_config(adapter_config)
     fcfg = False if fusion_config is False else FusionConfig.load(fusion_config)
-    layers = encoder_layers(model)
+    family = family_of(model)
     if next(fused_blocks(model), None) is not None:
         raise ValueError("model already has FusedAdapterBlocks; patch a fresh model (or use load_adapterhub)")
-    plan = []
-    for i, layer in enumerate(layers):
-        if i in acfg.leave_out:
-            continue
-        sites = output_sites(layer)
-        for loc, flag in (("attention", acfg.mh_adapter), ("output", acfg.output_adapter)):
-            if not flag:
-                continue
-            if loc not in sites:
-                raise TypeError(
-                    f"layer {i} ({type(layer).__name__}) has no {loc} output module with dense (nn.Linear), "
-                    "LayerNorm (nn.LayerNorm) and dropout, as BERT's BertOutput / BertSelfOutput have"
-                )
-            plan.append((i, loc, sites[loc]))
-    p_drop = _model_dropout(model)
-    new = []
-    for i, loc, (parent, attr) in plan:
-        block = FusedAdapterBlock.from_output_module(
-            getattr(parent, attr), names, adapter_config=acfg, fusion_config=fcfg,
-            attention_probs_dropout_prob=p_drop, backend=backend, layer_idx=i,
-        )
-        block.train(model.training)
-        new.append((parent, attr, block))
-    install(new)  # nothing is changed until every block was built
+    check_placement(family, acfg, model)
+    slots = [s for s in slots_of(model, family) if site_placed(s, acfg)]
+    if not slots:
+        raise ValueError(f"the adapter config places no adapter in this {family.name} model (leave_out "
+                         f"{list(acfg.leave_out)} covers every layer?)")
+    p_drop = model_dropout(model, family)
+    builds = [(s, build_site_block(model, s, names, acfg, fcfg, p_drop, backend)) for s in slots]
+    install_sites(model, builds, install)  # nothing is changed until every block was built and checked
+    track_model(model)  # the temperature clock and the config.afkern record (afkern.pretrained)
     return model
 
 

@@ -67,6 +67,17 @@ def token_batch(batch, seq, pad_from, seed=0, low=0, high=97):
     return dict(input_ids=ids, attention_mask=mask)
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one CPU thread for the test. Small-tensor tests are dominated by OpenMP fork/join,
+    and on a loaded machine a descheduled worker makes every tiny op cost milliseconds (a [2, 40]
+    LayerNorm: 7 ms with 2 threads, 3 us with 1). Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
 def rel_err(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 

@@ -298,6 +298,21 @@ def test_family_option():
     assert setup.family.name == "bert" and setup.site(setup.fm) is setup.fm.encoder.layer[0].output
 
 
+def test_decoder_families_pass_the_guard(tmp_path):
+    """GPT-2 and Llama (afkern's hooked, norm-free sites): every provider, block and model, computes
+    the fused function (the guard against float64) and is timed."""
+    rc = bench.main(TINY + ["--family", "gpt2,llama", "--n-adapters", "2", "--tokens", "8", "--modes", "forward,full",
+                            "--model-modes", "inference", "--providers", "plain,plain_layer,adapters,torch",
+                            "--no-plots", "--no-progress", "--output-dir", str(tmp_path)])
+    assert rc == 0
+    rows = _read(tmp_path / _cpu_dir_name() / "bench.csv")
+    assert {r["family"] for r in rows} == {"gpt2", "llama"}
+    assert {(r["family"], r["kind"]) for r in rows if r["provider"] == "adapters"} == {
+        (f, k) for f in ("gpt2", "llama") for k in ("block", "model")}
+    for r in rows:
+        assert r["status"] == "ok", r
+
+
 def test_check_tokens_limits_the_guard_to_whole_sequences():
     from afkern.bench.sweep import check_tokens
 

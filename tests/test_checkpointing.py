@@ -92,6 +92,51 @@ def test_checkpointed_training_equals_plain_training(kind, backend):
     assert all(f.temperature == pytest.approx(T_START - STEP * 4) for f in _fusions(ckpt))
 
 
+class _SharedLayer(torch.nn.Module):
+    """One block called at every depth, as ALBERT's shared layer calls its fusion (ALBERT itself
+    does not support gradient checkpointing in transformers; torch's checkpoint is used directly)."""
+
+    def __init__(self, kind, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.block = FusedAdapterBlock(24, ["a", "b", "c"], fusion_config=afkern.FusionConfig(temperature=True,
+                                                                                               dropout_prob=0.3))
+        perturb_(self.block, 0.3, seed=seed)
+        self.block.freeze_adapters()
+        self.kind = kind
+
+    def forward(self, hs, x):
+        for _ in range(3):
+            if self.kind is None:
+                x = self.block(hs, x)
+            else:
+                x = torch.utils.checkpoint.checkpoint(self.block, hs, x, use_reentrant=self.kind == "reentrant")
+        return x
+
+
+@pytest.mark.parametrize("kind", ["reentrant", "non_reentrant"])
+def test_shared_layer_calls_anneal_per_call_and_recompute_their_own_temperature(kind):
+    """AdapterHub anneals a fusion at each call, so a shared layer's 3 calls per forward use 3
+    temperatures; each call's recomputation inside backward (last call first) must see its own."""
+    from afkern.fusion import attach_temperature_clock
+
+    plain, ckpt = (attach_temperature_clock(_SharedLayer(k).train()) for k in (None, kind))
+    hs = torch.randn(2, 5, 24, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    x = torch.randn(2, 5, 24, generator=torch.Generator().manual_seed(4))
+    for step in range(2):
+        grads = []
+        for m in (plain, ckpt):
+            torch.manual_seed(300 + step)  # the same score-dropout masks
+            hs.grad = None
+            (m(hs, x) * torch.linspace(-1, 1, 24)).sum().backward()
+            grads.append([hs.grad.clone()] + [p.grad.clone() for p in m.block.fusion.parameters()])
+            m.block.zero_grad()
+        for gc, gp in zip(*reversed(grads)):
+            torch.testing.assert_close(gc, gp, rtol=1e-5, atol=1e-7)
+        for m in (plain, ckpt):
+            assert m.block.temperature == pytest.approx(T_START - 3 * STEP * (step + 1))
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_recomputation_sees_the_forwards_temperature_and_dropout_mask(kind, monkeypatch):
     """Every block runs twice in a checkpointed step (forward, recomputation); both runs use one

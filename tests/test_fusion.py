@@ -14,6 +14,9 @@ from afkern.ops.reference import fusion_layer_reference
 from afkern.ops.rowop import rowop_backward, rowop_forward
 
 from conftest import TOL, make_params, make_spec, rel_err
+from exact_probs import assert_probs_float32_accurate, check_layer_probs
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CONFIGS = {
     "dynamic": dict(),
@@ -100,6 +103,12 @@ def test_rowop_forward_backward_match_autograd(act, T, N, r, with_sb, with_mask)
     Y2, p2 = rowop_forward(Z.detach(), A.detach(), None if sb is None else sb.detach(), N, act, it, mask)
     torch.testing.assert_close(Y2, Y.detach(), atol=1e-12, rtol=1e-10)
     torch.testing.assert_close(p2.double(), p.detach().double(), atol=1e-7, rtol=1e-6)  # p is float32
+    # both against the row op written out here (they share the tempering helper)
+    G = activation_fn(act)(Z.detach()).view(T, N, r)
+    s = (A.detach().view(T, N, r) * G).sum(-1) + (0 if sb is None else sb.detach())
+    p_want = torch.softmax(s * (1 if mask is None else mask) * it, dim=-1)
+    torch.testing.assert_close(p2.double(), p_want, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(Y2, (G * p_want.unsqueeze(-1)).view(T, N * r), atol=1e-12, rtol=1e-10)
     dY = torch.randn(Y.shape, generator=g, dtype=torch.float64)
     dp = torch.randn(p.shape, generator=g, dtype=torch.float64)
     ins = [Z, A] + ([sb] if sb is not None else [])
@@ -144,6 +153,8 @@ def test_fast_path_matches_reference_float64(name, T, N, r, d):
     with torch.no_grad():
         out_fold, p_fold = fusion_layer_torch(h, x, P, spec, it, folded=fold_weights(P, spec) if spec.fusion else None)
     torch.testing.assert_close(out_fold, out_r.detach(), atol=1e-10, rtol=1e-9)
+    if p_r is not None:
+        torch.testing.assert_close(p_fold.double(), p_r.detach().double(), atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["dynamic", "residual_before", "query_before_ln", "houlsby"])
@@ -213,3 +224,32 @@ def test_folded_weights_match_unfolded_float32():
         b, pb = fusion_layer_torch(h, x, P, spec, folded=fold_weights(P, spec))
     assert rel_err(b, a) < 1e-6
     torch.testing.assert_close(pb, pa, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- 16-bit probabilities
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rowop_probabilities_float32_accurate_in_half_precision(dtype):
+    """The row op's contract and the torch backend's row op take 16-bit Z, A, sb but compute scores
+    and softmax in float32: p matches float64 on the same values to float32 accuracy."""
+    T, N, r = 67, 6, 9
+    g = torch.Generator().manual_seed(4)
+    Z, A = (torch.randn(T, N * r, generator=g, dtype=torch.float64).to(dtype) for _ in range(2))
+    sb = torch.randn(T, N, generator=g, dtype=torch.float64).to(dtype)
+    M = (torch.rand(T, N, generator=g) >= 0.3).float() / 0.7
+    prior = torch.randn(N, generator=g)
+    for mask in (None, M):
+        G = torch.relu(Z.double()).view(T, N, r)
+        s = (A.double().view(T, N, r) * G).sum(-1) + sb.double()
+        if mask is not None:
+            s = s * mask.double()
+        p64 = torch.softmax(s * 0.6 + prior.double(), dim=-1)
+        for name, fn in (("rowop_forward", rowop_forward), ("rowop_torch", rowop_autograd_torch)):
+            Y, p = fn(Z, A, sb, N, "relu", 0.6, mask, prior)
+            assert Y.dtype == dtype
+            assert_probs_float32_accurate(name, p, p64)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_layer_probabilities_float32_accurate_in_half_precision(dtype):
+    """The torch backend's layer in 16 bits, training and folded: float32-accurate fusion weights."""
+    check_layer_probs("torch", fusion_layer_torch, dtype, fold=fold_weights)

@@ -40,9 +40,9 @@ def _kernels():
     """One namespace over the kernel modules (kernels/fusion_core.py, rowop.py, add_norm.py)."""
     import types
 
-    from afkern.kernels import add_norm, fusion_core, rowop
+    from afkern.kernels import add_norm, fusion_core, rowop, segmented
 
-    return types.SimpleNamespace(**{k: v for m in (add_norm, rowop, fusion_core) for k, v in vars(m).items()})
+    return types.SimpleNamespace(**{k: v for m in (add_norm, rowop, fusion_core, segmented) for k, v in vars(m).items()})
 
 
 def _raw(kernel):
@@ -158,6 +158,22 @@ def launches(arch: int):
             DA=_p("bf16"), DS=_p("fp32"), Y=_p("bf16"), stride_dy=_i(w), stride_dp=_i(nn), stride_z=_i(w),
             stride_a=_i(w), stride_p=_i(nn), stride_m=_i(nn), stride_dz=_i(w), stride_da=_i(w), stride_ds=_i(nn),
             stride_y=_i(w), HAS_DP=True, STORE_Y=True, **common), nw, 1, False))
+    # the routed layer's segmented GEMMs (kernels/segmented.py): the folded [A | sb] map
+    # (K = d, N = N r + N) forward, its data gradient, and the weight gradient of a d x d map
+    import torch
+
+    for dt, tdt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        BT, BNs, BKs, nw, ns = K.seg_tiles(tdt)
+        out.append((f"seg_mm {dt}", K._seg_mm_kernel, dict(
+            X=_p(dt), W=_p(dt), B=_p(dt), BASE=_p(dt), OUT=_p(dt), TAB=_p("i32"), n_tiles=_i(T // BT + 8),
+            KD=_i(d), ND=_i(NR + N), stride_x=_i(d), s_ws=_i(d * (NR + N)), s_wk=_i(NR + N), s_wn=_i(1),
+            s_bs=_i(NR + N), stride_base=_i(NR + N), stride_out=_i(NR + N), HAS_B=True, HAS_BASE=True,
+            IEEE=dt == "fp32", BLOCK_T=BT, BLOCK_N=BNs, BLOCK_K=BKs), nw, ns, True))
+        BKw, BNw, BTw, nw, ns = K.wgrad_tiles(tdt)
+        out.append((f"seg_wgrad {dt}", K._seg_wgrad_kernel, dict(
+            X=_p(dt), DY=_p(dt), DW=_p("fp32"), SEGS=_p("i32"), S=_i(8), KD=_i(d), ND=_i(d), stride_x=_i(d),
+            stride_dy=_i(d), s_dws=_i(d * d), s_dwk=_i(d), IEEE=dt == "fp32", BLOCK_K=BKw, BLOCK_N=BNw,
+            BLOCK_T=BTw), nw, ns, True))
     for dd in (768, 1024):
         BD = triton.next_power_of_2(dd)
         nw = K._ln_warps(BD)

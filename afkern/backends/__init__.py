@@ -36,8 +36,8 @@ import torch
 from ..ops.limits import KERNEL_ACTIVATIONS, KERNEL_DTYPES, MAX_ADAPTERS
 from . import reference, torch_ops
 
-__all__ = ["Backend", "BACKENDS", "REGISTRY", "available_backends", "resolve_backend", "backend_status",
-           "get_layer", "check_name", "AUTO_GPU_ORDER"]
+__all__ = ["Backend", "BACKENDS", "REGISTRY", "available_backends", "resolve_backend", "resolve_routed",
+           "backend_status", "get_layer", "check_name", "AUTO_GPU_ORDER"]
 
 BACKENDS = ("reference", "torch", "triton", "cuda", "auto")
 
@@ -52,6 +52,7 @@ class Backend:
     max_adapters: Optional[int] = None
     activations: Optional[FrozenSet[str]] = None  # None: every activation afkern knows
     folds: bool = True  # uses folded weights at inference
+    routes: bool = True  # has ``routed_layer`` / ``routed_adapter_layer`` (several fusions per batch)
 
     def status(self, device: torch.device) -> Tuple[bool, str]:
         try:
@@ -63,6 +64,17 @@ class Backend:
     @property
     def layer(self) -> Callable:
         return self.load().layer
+
+    @property
+    def routed_layer(self) -> Callable:
+        """``routed_layer(h, input_tensor, P, spec, plan, fusions) -> (out, probs)``: a batch routed
+        over several fusions (``afkern.ops.routed``, docs/DESIGN.md section 7)."""
+        return self.load().routed_layer
+
+    @property
+    def routed_adapter_layer(self) -> Callable:
+        """``routed_adapter_layer(h, input_tensor, P, spec, plan, adapters) -> out``: one adapter per token."""
+        return self.load().routed_adapter_layer
 
     def unsupported(self, spec=None, dtype: Optional[torch.dtype] = None) -> Optional[str]:
         """Why this backend cannot compute a block ``spec`` in ``dtype``, or None if it can."""
@@ -156,6 +168,18 @@ def resolve_backend(name: str, device, spec=None, dtype: Optional[torch.dtype] =
     if why is not None:
         raise ValueError(f"{why}; use backend='torch'")
     return name
+
+
+def resolve_routed(name: str, device, spec=None, dtype: Optional[torch.dtype] = None) -> str:
+    """The backend that serves a routed forward (several fusions, or one adapter per sequence, in
+    one batch): :func:`resolve_backend`, then a backend without routing raises when named and
+    falls back to torch under ``auto``."""
+    chosen = resolve_backend(name, device, spec, dtype)
+    if not REGISTRY[chosen].routes:
+        if name != "auto":
+            raise ValueError(f"backend {chosen!r} cannot route several fusions in one batch; use backend='torch'")
+        return "torch"
+    return chosen
 
 
 def get_layer(name: str) -> Callable:

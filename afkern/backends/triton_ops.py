@@ -12,7 +12,7 @@ import torch
 from ..ops.layer import Primitives, fusion_layer
 from ..ops.limits import MAX_INDEX
 
-__all__ = ["primitives", "layer", "status"]
+__all__ = ["primitives", "layer", "routed_layer", "routed_adapter_layer", "status"]
 
 
 def status(device: torch.device):
@@ -59,3 +59,38 @@ def layer(h, input_tensor, P, spec, inv_temperature=1.0, score_scale=None, folde
                          "int32 indexing (2**31 elements per tensor); split the batch")
     return fusion_layer(h.contiguous(), input_tensor.contiguous(), P, spec, primitives(), inv_temperature,
                         score_scale, folded, prior)
+
+
+def routed_layer(h, input_tensor, P, spec, plan, fusions):
+    """Several fusions in one batch (``afkern.ops.routed``): every fusion-dependent GEMM is ONE
+    launch of the segmented GEMM kernel (``kernels/segmented.py``) over the route-sorted tokens;
+    the row op (per-token prior and score scale) and the add + LayerNorm are Triton kernels; the
+    shared Z GEMM stays on cuBLAS."""
+    _check(h, P)
+    from ..kernels.segmented import seg_mm_triton
+    from ..ops.routed import routed_fusion_layer
+
+    return routed_fusion_layer(h.contiguous(), input_tensor.contiguous(), P, spec, plan, fusions, primitives(),
+                               seg_mm_triton)
+
+
+def routed_adapter_layer(h, input_tensor, P, spec, plan, adapters):
+    """One adapter per token: the down and up projections as segmented GEMM kernels."""
+    _check(h, P)
+    from ..kernels.segmented import seg_mm_triton
+    from ..ops.routed import routed_adapter_layer as _routed_adapter
+
+    return _routed_adapter(h.contiguous(), input_tensor.contiguous(), P, spec, plan, adapters, primitives(),
+                           seg_mm_triton)
+
+
+def _check(h, P):
+    from ..kernels.common import INTERPRET
+
+    if h.device.type != "cuda" and not INTERPRET:
+        raise RuntimeError(f"triton backend: tensors are on {h.device}; it runs on CUDA, or on CPU only with "
+                           "TRITON_INTERPRET=1 set before triton is imported")
+    N, r, d = P.down_weight.shape
+    if h.shape[0] * max(d, 2 * N * r) > MAX_INDEX:
+        raise ValueError(f"triton backend: {h.shape[0]} tokens x width {max(d, 2 * N * r)} exceeds the kernels' int32 "
+                         "indexing (2**31 elements per tensor); split the batch")

@@ -1,6 +1,6 @@
 """The models a benchmark case runs, built per model *family*, all with identical weights.
 
-For a family (``--family``; BERT now) and a number N of fused adapters, :class:`Setup` builds
+For a family (``--family``: ``bert``, ``gpt2``, ``llama``) and a number N of fused adapters, :class:`Setup` builds
 
 * ``am``: AdapterHub's model, ``adapters.init(base model)`` with N ``SeqBnConfig`` adapters
   (reduction factor from :class:`BenchShape`) and an active ``Fuse(task0, ..., task{N-1})``
@@ -19,9 +19,9 @@ Every model is in ``eval()`` mode (dropout off, one deterministic function) with
 frozen except the fusions' query, key and value: fusion training, the workload of the benchmarks'
 gradient modes.
 
-A :class:`Family` says how to build and drive one architecture; adding GPT-2 or Llama is one more
-entry in :data:`FAMILIES` (config builder, model class, where the fused site sits, how to call a
-layer), plus afkern's patcher and ``from_adapterhub`` support for that family.
+A :class:`Family` says how to build and drive one architecture (config builder, model class,
+where the fused site sits, how to call a layer); afkern places its blocks in any family of its site
+table (``afkern.families``), so a new benchmark family is one more entry in :data:`FAMILIES`.
 """
 
 from __future__ import annotations
@@ -110,6 +110,82 @@ def _first(out) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out[0]
 
 
+def _decoder_config(cls_name: str):
+    """GPT-2 / Llama-style decoders at the BenchShape's width (no KV cache: one forward per call)."""
+    def build(shape: BenchShape, layers: int, seq_len: int):
+        import transformers
+
+        shape.validate()
+        pos = max(512, seq_len)
+        if cls_name == "GPT2Config":
+            return transformers.GPT2Config(vocab_size=128, n_embd=shape.hidden, n_layer=layers, n_head=shape.heads,
+                                           n_inner=shape.intermediate, n_positions=pos, use_cache=False)
+        # SwiGLU has three d x I maps: I = 2/3 of BERT's keeps the feed-forward FLOPs of BERT-base
+        return transformers.LlamaConfig(vocab_size=128, hidden_size=shape.hidden, num_hidden_layers=layers,
+                                        num_attention_heads=shape.heads, num_key_value_heads=shape.heads,
+                                        intermediate_size=2 * shape.intermediate // 3, max_position_embeddings=pos,
+                                        use_cache=False)
+    return build
+
+
+def _model_of(cls_name: str) -> Callable[[Any], nn.Module]:
+    def build(config) -> nn.Module:
+        import transformers
+
+        return getattr(transformers, cls_name)(config)
+    return build
+
+
+def _patch_any(model: nn.Module, names: List[str], backend: str) -> nn.Module:
+    import afkern
+
+    return afkern.patch_model(model, names, backend=backend)
+
+
+class _Add(nn.Module):
+    """The plain model's residual add at a pre-LN output site (no adapters): ``h + residual``."""
+
+    def forward(self, hidden_states, input_tensor):
+        return hidden_states + input_tensor
+
+
+class _HubSite(nn.Module):
+    """AdapterHub's output site of a pre-LN layer, called as ``(h, residual)``: its
+    ``bottleneck_layer_forward(h, residual, None)`` (norm-free)."""
+
+    def __init__(self, bottleneck: nn.Module):
+        super().__init__()
+        self.bottleneck = bottleneck
+
+    @property
+    def adapter_fusion_layer(self):
+        return self.bottleneck.adapter_fusion_layer
+
+    def forward(self, hidden_states, input_tensor):
+        return self.bottleneck(hidden_states, input_tensor, None)
+
+
+def _pre_ln_site(layer: nn.Module) -> nn.Module:
+    """The output site of a GPT-2 / Llama layer: afkern's block (``afkern_output``), AdapterHub's
+    ``output_adapters``, or the plain residual add."""
+    if "afkern_output" in layer._modules:
+        return layer.afkern_output
+    if hasattr(layer, "output_adapters"):
+        return _HubSite(layer.output_adapters)
+    return _Add()
+
+
+def _llama_layer_call(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """One Llama layer alone: it takes the rotary position embeddings from the model."""
+    rope = layer.__dict__.get("_bench_rope")
+    if rope is None:
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+        rope = layer.__dict__["_bench_rope"] = LlamaRotaryEmbedding(layer.self_attn.config).to(x.device)
+    pos = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
+    return _first(layer(x, position_embeddings=rope(x, pos)))
+
+
 FAMILIES: Dict[str, Family] = {
     "bert": Family(
         "bert", _bert_config, _bert_model, _bert_patch,
@@ -118,6 +194,19 @@ FAMILIES: Dict[str, Family] = {
         block_in=lambda s: (s.intermediate, s.hidden),
         call_layer=lambda layer, x: _first(layer(x)),
         description="BERT encoder; the fusion after each layer's feed-forward (BertOutput)",
+    ),
+    "gpt2": Family(
+        "gpt2", _decoder_config("GPT2Config"), _model_of("GPT2Model"), _patch_any,
+        layers=lambda m: m.h, site=_pre_ln_site, block_in=lambda s: (s.hidden, s.hidden),
+        call_layer=lambda layer, x: _first(layer(x)),
+        description="GPT-2 decoder (pre-LN); the fusion after each layer's MLP (norm-free site, hooks)",
+    ),
+    "llama": Family(
+        "llama", _decoder_config("LlamaConfig"), _model_of("LlamaModel"), _patch_any,
+        layers=lambda m: m.layers, site=_pre_ln_site, block_in=lambda s: (s.hidden, s.hidden),
+        call_layer=_llama_layer_call,
+        description="Llama-style decoder (RMSNorm, SwiGLU with I = 2/3 of BERT's, RoPE); the fusion after each "
+                    "layer's MLP (norm-free site, hooks)",
     ),
 }
 

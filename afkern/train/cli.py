@@ -91,7 +91,9 @@ def _add_common(p: argparse.ArgumentParser, stage: str) -> None:
         dg.add_argument("--task", action="append", required=True, metavar="NAME=SOURCE",
                         help="a task: NAME=FILE (.csv/.tsv/.json/.jsonl), NAME=FOLDER (train.* and dev.*), "
                              "NAME=hf:DATASET[:CONFIG] or NAME=disk:PATH (the last two need the `datasets` package)"
-                             + ("; repeat for several tasks" if stage == "adapters" else ""))
+                             + ("; repeat for several tasks" if stage == "adapters" else
+                                "; repeat for several target tasks: their fusions train in one run, each batch "
+                                "mixing the tasks (afkern.route)"))
         dg.add_argument("--dev", action="append", default=[], metavar="NAME=FILE", help="dev file of a task (else dev.* "
                         "in its folder, the dataset's validation split, or --dev-fraction of train held out)")
         dg.add_argument("--dev-fraction", type=float, default=0.1, help="held-out share of train when a task has no dev set")
@@ -110,6 +112,12 @@ def _add_adapter_opts(p, demo=False):
     g.add_argument("--adapter-config", default="pfeiffer", choices=["pfeiffer", "houlsby"], help="adapter placement")
     g.add_argument("--reduction-factor", type=float, default=16, help="bottleneck r = hidden / reduction factor")
     g.add_argument("--non-linearity", default="relu", help="adapter activation (pfeiffer placement)")
+    if not demo:
+        g.add_argument("--parallel", action="store_true",
+                       help="train every task's adapter in one run: each batch mixes the tasks, each sequence through "
+                            "its own adapter and head (afkern.route), with per-task optimizer, schedule and early "
+                            "stopping; the same outputs as training them one after another (no DDP, --resume, "
+                            "--save-every or --stop-after-steps)")
     if demo:
         g.add_argument("--adapter-lr", type=float, default=None, help="demo stage-1 learning rate (default: the demo preset)")
         g.add_argument("--adapter-epochs", type=int, default=None, help="demo stage-1 maximum epochs (default: the demo preset)")
@@ -203,11 +211,20 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     if cfg.command == "demo":
         return run_demo(cfg, d)
     tasks = load_tasks(cfg)
-    if cfg.command == "fusion" and len(tasks) != 1:
-        raise TrainError(f"fusion trains on one target task; got {len(tasks)} (--task given {len(tasks)} times)")
+    joint = (cfg.command == "fusion" and len(tasks) > 1) or getattr(cfg, "parallel", False)
+    if joint:  # several tasks in one run (afkern.train.parallel): refused options, before anything is written
+        from .parallel import check_parallel
+
+        check_parallel(cfg, d)
     plan = adapter_outputs if cfg.command == "adapters" else fusion_outputs
     check_outputs(cfg, [plan(cfg.output_dir, t.name) for t in tasks])
     barrier(d)  # every rank checked before the main one writes anything
+    if joint:
+        from .parallel import train_adapters_parallel, train_fusion_parallel
+
+        if cfg.command == "adapters":
+            return train_adapters_parallel(cfg, tasks, d)
+        return train_fusion_parallel(cfg, tasks, cfg.adapters, d)
     if cfg.command == "adapters":
         return train_adapters(cfg, tasks, d)
     return train_fusion(cfg, tasks[0], cfg.adapters, d)
