@@ -1,7 +1,8 @@
 """afkern: fused kernels for AdapterFusion (Pfeiffer et al., 2021).
 
 N bottleneck adapters and their fusion attention as a few batched GEMMs and one row op,
-exactly equal to AdapterHub's ``adapters`` implementation, in place of BERT's output modules.
+exactly equal to AdapterHub's ``adapters`` implementation, at the adapter sites of every model
+family AdapterHub fuses; several named fusions per model, routed per sequence in one batch.
 """
 
 __version__ = "0.1.0"
@@ -23,38 +24,14 @@ from .control import (
 from .routing import add_fusion, fusion_names, prune_fusion, route, set_active_fusion
 
 __all__ = [
-    "__version__",
-    "AdapterConfig",
-    "FusionConfig",
-    "FusedAdapterBlock",
-    "patch_model",
-    "patch_bert",
-    "from_adapterhub",
-    "load_adapterhub",
-    "save_adapterhub",
-    "from_pretrained",
-    "add_adapters",
-    "fusion_regularization_loss",
-    "set_backend",
-    "set_active_adapter",
-    "available_backends",
-    "resolve_backend",
-    "fused_blocks",
-    "fusion_weights",
-    "record_fusion_weights",
-    "plot_fusion_weights",
-    "FusionControl",
-    "zero_adapters",
-    "force_adapter",
-    "force_fusion_weights",
-    "clear_fusion_control",
-    "fusion_control",
-    "select_adapters",
-    "drop_adapters",
-    "KERNEL_ACTIVATIONS",
-    "add_fusion",
-    "set_active_fusion",
-    "fusion_names",
-    "prune_fusion",
-    "route",
+    "__version__", "AdapterConfig", "FusionConfig", "FusedAdapterBlock", "KERNEL_ACTIVATIONS",
+    # placing adapters and fusions in a model; AdapterHub and HF checkpoints
+    "patch_model", "patch_bert", "add_adapters", "add_fusion", "set_active_fusion", "set_active_adapter",
+    "fusion_names", "from_adapterhub", "load_adapterhub", "save_adapterhub", "from_pretrained",
+    # running: backends, routing, training loss
+    "set_backend", "available_backends", "resolve_backend", "route", "fusion_regularization_loss", "fused_blocks",
+    # analysis and inference-time control of the fusion weights
+    "fusion_weights", "record_fusion_weights", "plot_fusion_weights", "FusionControl", "zero_adapters",
+    "force_adapter", "force_fusion_weights", "clear_fusion_control", "fusion_control", "select_adapters",
+    "drop_adapters", "prune_fusion",
 ]

@@ -20,8 +20,6 @@ refused. Loading validates everything before the model is touched; writes are at
 
 from __future__ import annotations
 
-import inspect
-import json
 import os
 import re
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
@@ -29,13 +27,13 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from ._io import atomic_write_bytes, atomic_write_json
+from ._io import atomic_write_bytes, atomic_write_json, read_json
 from .backends import check_name
 from .block import FusedAdapterBlock
 from .config import AdapterConfig, FusionConfig
 from .families import FAMILIES, family_of
 from .pretrained import track_model
-from .model import fused_blocks, install
+from .model import fused_blocks, install, structure_kwargs
 from .patching import build_site_block, model_dropout, site_placed
 from .sites import Family, install_sites, site_blocks, slots_of
 
@@ -113,13 +111,7 @@ def _read_tensors(path: str) -> Dict[str, torch.Tensor]:
 
 
 def _read_json(path: str) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path} not found; expected an AdapterHub directory") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    return read_json(path, "an AdapterHub directory")
 
 
 def _weights_file(directory: str, names: Sequence[str]) -> str:
@@ -300,11 +292,7 @@ def from_adapterhub(model: nn.Module, backend: str = "auto") -> nn.Module:
     impl = getattr(base.config, "_attn_implementation", None)
     if impl is not None:  # keep the attention kernel (eager / sdpa) the adapters model runs
         config._attn_implementation = impl
-    kwargs = {}
-    if "add_pooling_layer" in inspect.signature(cls.__init__).parameters:
-        # RoBERTa-style heads build their base model without the pooler: mirror what the model has
-        kwargs["add_pooling_layer"] = getattr(base, "pooler", None) is not None
-    plain = cls(config, **kwargs)
+    plain = cls(config, **structure_kwargs(cls, base))  # RoBERTa-style heads leave the pooler out
     p0 = next(base.parameters())
     plain.to(device=p0.device, dtype=p0.dtype)
     skip = (".adapters.", ".adapter_fusion_layer.", "invertible_adapters", "prefix_tuning", "prompt_tuning", "shared_parameters")

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import io
 
 from typing import Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
-from ._io import atomic_write_bytes
+from ._io import atomic_save_png
 from .model import fused_blocks
 
 __all__ = ["record_fusion_weights", "fusion_weights", "plot_fusion_weights"]
@@ -84,8 +83,4 @@ def plot_fusion_weights(weights: Dict[str, torch.Tensor], adapter_names: Sequenc
     fig.colorbar(im, ax=ax, label="mean fusion weight")
     ax.set_title(title or "AdapterFusion weights per layer")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+    return atomic_save_png(fig, path)

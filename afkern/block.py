@@ -564,6 +564,22 @@ class FusedAdapterBlock(nn.Module):
             p.requires_grad_(not freeze)
         return self
 
+    def sibling(self, adapter_names: Sequence[str]) -> "FusedAdapterBlock":
+        """A new block at this block's site: same width, placement, config and backend, the wrapped
+        dense / LayerNorm / dropout (or the site's norm) shared, adapters ``adapter_names``
+        (freshly initialised) and no fusion. The building block of select_adapters and add_adapters."""
+        w = self.down_weight
+        new = FusedAdapterBlock(
+            hidden_size=self.hidden_size, adapter_names=adapter_names, adapter_config=self.adapter_config,
+            fusion_config=False, in_features=self.in_features, backend=self._backend, layer_idx=self.layer_idx,
+            attention_probs_dropout_prob=self.attention_probs_dropout_prob, device=w.device, dtype=w.dtype,
+            wrap_output=self.wraps_output,
+        )
+        if self.wraps_output:
+            new.dense, new.LayerNorm, new.dropout = self.dense, self.LayerNorm, self.dropout
+        new._site_norm = self._site_norm
+        return new
+
     @torch.no_grad()
     def select_adapters(self, names: Sequence[str]) -> "FusedAdapterBlock":
         """A new block holding only the adapters ``names`` (in that order) and its fusions over them.
@@ -595,15 +611,7 @@ class FusedAdapterBlock(nn.Module):
         if taken:
             raise ValueError(f"keeping {names} would give two fusions the name {taken[0]!r}")
         w = self.down_weight
-        new = FusedAdapterBlock(
-            hidden_size=self.hidden_size, adapter_names=names, adapter_config=self.adapter_config,
-            fusion_config=False, in_features=self.in_features, backend=self._backend, layer_idx=self.layer_idx,
-            attention_probs_dropout_prob=self.attention_probs_dropout_prob, device=w.device, dtype=w.dtype,
-            wrap_output=self.wraps_output,
-        )
-        if self.wraps_output:
-            new.dense, new.LayerNorm, new.dropout = self.dense, self.LayerNorm, self.dropout
-        new._site_norm = self._site_norm
+        new = self.sibling(names)
         ix = torch.tensor([self.adapter_names.index(n) for n in names], device=w.device)
         for pname in _ADAPTER_PARAMS:
             src = getattr(self, pname)

@@ -41,16 +41,7 @@ def with_adapters(block: FusedAdapterBlock, names: Sequence[str], adapter_config
     if taken:
         raise ValueError(f"adapters {taken} exist already; the block has {block.adapter_names}")
     cfg = block.adapter_config if adapter_config is None else load_adapter_config(adapter_config)
-    w = block.down_weight
-    new = FusedAdapterBlock(
-        hidden_size=block.hidden_size, adapter_names=block.adapter_names + names, adapter_config=block.adapter_config,
-        fusion_config=False, in_features=block.in_features, backend=block.backend, layer_idx=block.layer_idx,
-        attention_probs_dropout_prob=block.attention_probs_dropout_prob, device=w.device, dtype=w.dtype,
-        wrap_output=block.wraps_output,
-    )
-    if block.wraps_output:
-        new.dense, new.LayerNorm, new.dropout = block.dense, block.LayerNorm, block.dropout
-    new._site_norm = block._site_norm
+    new = block.sibling(block.adapter_names + names)
     n_old = block.n_adapters
     # the new adapters start as AdapterHub starts one, with the init settings of adapter_config
     init_cfg = dataclasses.replace(block.adapter_config, **{k: getattr(cfg, k) for k in _INIT_FIELDS})

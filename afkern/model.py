@@ -15,8 +15,21 @@ import torch.nn as nn
 from .backends import check_name, resolve_backend
 from .block import FusedAdapterBlock
 
-__all__ = ["fused_blocks", "blocks_of", "install", "replace_blocks", "set_backend", "fusion_regularization_loss",
+__all__ = ["structure_kwargs", "fused_blocks", "blocks_of", "install", "replace_blocks", "set_backend", "fusion_regularization_loss",
            "set_active_adapter"]
+
+
+def structure_kwargs(cls, base: Optional[nn.Module] = None, has_pooler: Optional[bool] = None) -> dict:
+    """Constructor keywords that make a new ``cls`` model the same shape as ``base`` (or as a record
+    that says ``has_pooler``): the pooler that RoBERTa-style heads, and users, leave out
+    (``add_pooling_layer``), where ``cls`` takes it."""
+    import inspect
+
+    if has_pooler is None and base is not None and hasattr(base, "pooler"):
+        has_pooler = base.pooler is not None
+    if has_pooler is None or "add_pooling_layer" not in inspect.signature(cls.__init__).parameters:
+        return {}
+    return {"add_pooling_layer": bool(has_pooler)}
 
 
 def fused_blocks(model: nn.Module) -> Iterator[Tuple[str, FusedAdapterBlock]]:

@@ -30,7 +30,6 @@ built, and the model is returned only once it is complete.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import warnings
 import weakref
@@ -39,10 +38,11 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn as nn
 
+from ._io import read_json
 from .backends import check_name
 from .config import AdapterConfig, FusionConfig
 from .fusion import attach_temperature_clock
-from .model import fused_blocks
+from .model import fused_blocks, structure_kwargs
 
 __all__ = ["from_pretrained", "describe_setup", "track_model", "FORMAT"]
 
@@ -83,6 +83,9 @@ def describe_setup(model: nn.Module) -> dict:
     acfg = first.adapter_config
     out = {"format": FORMAT, "afkern_version": _version(), "adapter_config": acfg.to_dict(),
            "backend": first.backend, "blocks": {}}
+    base = getattr(model, "base_model", model)
+    if hasattr(base, "pooler"):  # built without it (add_pooling_layer=False): rebuild it so
+        out["pooler"] = base.pooler is not None
     for qual, b in blocks:
         if _placement(b.adapter_config) != _placement(acfg):
             raise ValueError(f"{qual} has another adapter placement or width than {blocks[0][0]}; a patched "
@@ -151,13 +154,7 @@ def track_model(model: nn.Module) -> nn.Module:
 
 # ---------------------------------------------------------------------------------- loading
 def _read_json(path: str) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path} not found; expected a directory written by save_pretrained") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    return read_json(path, "a directory written by save_pretrained")
 
 
 def _read_state_dict(path: str) -> Dict[str, torch.Tensor]:
@@ -319,7 +316,7 @@ def from_pretrained(path: str, model_class=None, backend: Optional[str] = "auto"
     cls = _model_class(raw, model_class)
     sd = _read_state_dict(path)
     config = cls.config_class.from_dict({k: v for k, v in raw.items() if k != CONFIG_KEY})
-    model = cls(config)
+    model = cls(config, **structure_kwargs(cls, has_pooler=rec.get("pooler")))
     floats = [v.dtype for k, v in sd.items() if v.is_floating_point() and not k.endswith("_extra_state")]
     if floats and floats[0] != torch.float32 and all(d == floats[0] for d in floats):
         model.to(floats[0])

@@ -26,6 +26,18 @@ __all__ = ["rowop_forward_triton", "rowop_backward_triton", "rowop_triton", "Row
 
 
 @triton.jit
+def _row_tile(T, R, NADP, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's token rows, one adapter's column offsets jj < R, the adapter offsets ns < N,
+    and the masks of a [BLOCK_T, BLOCK_R] tile (m2) and of a [BLOCK_T, BLOCK_N] row of scores (mn)."""
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    rmask = rows < T
+    jj = tl.arange(0, BLOCK_R)
+    ns = tl.arange(0, BLOCK_N)
+    nmask = ns < NADP
+    return rows, jj, ns, nmask, rmask[:, None] & (jj < R)[None, :], rmask[:, None] & nmask[None, :]
+
+
+@triton.jit
 def _per_adapter_dots(U, stride_u, Z, stride_z, rows, jj, m2, ns, R, NADP, ACT: tl.constexpr,
                       BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
     """[BLOCK_T, BLOCK_N] with column n = sum_j U_nj act(Z_nj) over adapter n's R columns: the
@@ -62,14 +74,7 @@ def _rowop_fwd_kernel(
     BLOCK_R: tl.constexpr,  # next power of two >= R
     BLOCK_N: tl.constexpr,  # next power of two >= N
 ):
-    rows = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T))
-    rmask = rows < T
-    jj = tl.arange(0, BLOCK_R)
-    jmask = jj < R
-    ns = tl.arange(0, BLOCK_N)
-    nmask = ns < NADP
-    m2 = rmask[:, None] & jmask[None, :]
-    mn = rmask[:, None] & nmask[None, :]
+    rows, jj, ns, nmask, m2, mn = _row_tile(T, R, NADP, BLOCK_T, BLOCK_R, BLOCK_N)
     s = _per_adapter_dots(A, stride_a, Z, stride_z, rows, jj, m2, ns, R, NADP, ACT, BLOCK_T, BLOCK_N)
     if HAS_SB:
         s += tl.load(SB + rows[:, None] * stride_sb + ns[None, :], mask=mn, other=0.0).to(tl.float32)
@@ -116,14 +121,7 @@ def _rowop_bwd_kernel(
     BLOCK_R: tl.constexpr,  # next power of two >= R
     BLOCK_N: tl.constexpr,  # next power of two >= N
 ):
-    rows = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T))
-    rmask = rows < T
-    jj = tl.arange(0, BLOCK_R)
-    jmask = jj < R
-    ns = tl.arange(0, BLOCK_N)
-    nmask = ns < NADP
-    m2 = rmask[:, None] & jmask[None, :]
-    mn = rmask[:, None] & nmask[None, :]
+    rows, jj, ns, nmask, m2, mn = _row_tile(T, R, NADP, BLOCK_T, BLOCK_R, BLOCK_N)
     g = _per_adapter_dots(DY, stride_dy, Z, stride_z, rows, jj, m2, ns, R, NADP, ACT, BLOCK_T, BLOCK_N)
     if HAS_DP:
         g += tl.load(DP + rows[:, None] * stride_dp + ns[None, :], mask=mn, other=0.0).to(tl.float32)

@@ -761,6 +761,13 @@ def make_adapterhub(spec: FamilySpec, variant: str = "seq_bn", plain=None, seed:
     return model
 
 
+
+def build(name: str, variant: str):
+    """(spec, plain model, AdapterHub model with three adapters and an active Fuse) of a family."""
+    spec = FAMILIES[name]
+    plain = make_plain(spec)
+    return spec, plain, make_adapterhub(spec, variant, plain=plain)
+
 def zero_added_base_params_(model, plain) -> List[str]:
     """Zero the non-adapter parameters that ``adapters.init`` added to the base model.
 

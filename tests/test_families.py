@@ -30,12 +30,7 @@ CASES = [(n, p) for n, spec in F.FAMILIES.items() for p in ("pfeiffer", "houlsby
 VARIANT = {"pfeiffer": "seq_bn", "houlsby": "double_seq_bn", "cross": "seq_bn_cross"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 
 
 def _perturb(model, seed=0):

@@ -30,19 +30,12 @@ IDS = [f"{n}-{v}" for n, v in CASES]
 NAMES = list(F.ADAPTER_NAMES)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 
 
 @lru_cache(maxsize=None)
 def _built(name, variant):
-    spec = F.FAMILIES[name]
-    plain = F.make_plain(spec)
-    hub = F.make_adapterhub(spec, variant, plain=plain)
+    spec, plain, hub = F.build(name, variant)
     return spec, plain, hub, F.adapterhub_outputs(hub, spec, torch.float64), F.adapterhub_outputs(hub, spec, torch.float32)
 
 

@@ -50,12 +50,7 @@ def fixtures(tmp_path_factory):
     return {(c["family"], c["variant"]): c for c in torch.load(out / "cases.pt", weights_only=False)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 
 
 def _plain(case):

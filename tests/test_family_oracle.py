@@ -28,21 +28,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TF5_PY = os.path.join(ROOT, ".venv-tf5", "bin", "python")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is fastest, and the 2 shared cores stay usable for others."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 
 
-@lru_cache(maxsize=None)
-def _built(name, variant):
-    spec = F.FAMILIES[name]
-    plain = F.make_plain(spec)
-    hub = F.make_adapterhub(spec, variant, plain=plain)
-    return spec, plain, hub
+_built = lru_cache(maxsize=None)(F.build)
 
 
 @lru_cache(maxsize=None)

@@ -356,3 +356,20 @@ def test_hooked_family_roundtrip(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=0)
     assert [b.adapter_names for _, b in afkern.fused_blocks(reloaded)] == [["a", "c"], ["a", "c"]]
+
+
+def test_model_built_without_pooler_reloads(tmp_path):
+    """A BertModel built with add_pooling_layer=False (as RoBERTa-style heads build theirs)."""
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(hidden_size=40, num_hidden_layers=2, num_attention_heads=4, intermediate_size=72, vocab_size=97)
+    m = BertModel(cfg, add_pooling_layer=False).eval()
+    afkern.patch_model(m, ["a", "b"])
+    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = m(ids).last_hidden_state
+    m.save_pretrained(tmp_path)
+    back = afkern.from_pretrained(tmp_path)
+    assert back.pooler is None
+    with torch.no_grad():
+        assert torch.equal(back(ids).last_hidden_state, y)

@@ -176,6 +176,27 @@ def test_score_dropout_draws_per_fusion_same_on_reference_and_torch():
     assert rel_err(plain, outs["torch"]) > 1e-3  # dropout did act
 
 
+def test_score_dropout_with_an_annealed_temperature_routed():
+    """Score dropout and the temperature together: the per-token scale M carries both (the row-op
+    contract multiplies s by M * inv_temperature); routed torch equals the routed reference."""
+    m = _tiny_bert({k: FUSIONS[k] for k in ("hot", "tri")}).train()
+    for _, b in afkern.fused_blocks(m):
+        b.fusions["hot"].score_dropout = 0.3
+        b.fusions["hot"].temperature = 7.0  # far from 1: a forgotten 1/T changes the softmax
+        b.fusions["tri"].score_dropout = 0.3
+    ids, mask = _batch(B=4)
+    route = ["hot", "tri", "hot", "tri"]
+    outs = {}
+    for backend in ("reference", "torch"):
+        afkern.set_backend(m, backend)
+        for _, b in afkern.fused_blocks(m):
+            b.fusions["hot"].temperature = 7.0
+        torch.manual_seed(11)
+        with afkern.route(m, fusion=route):
+            outs[backend] = m(ids, attention_mask=mask).last_hidden_state
+    assert rel_err(outs["torch"], outs["reference"]) < 1e-9
+
+
 def test_no_grad_uses_folded_maps_and_refolds_after_a_step():
     m = _tiny_bert(PLAIN)
     ids, mask = _batch(B=4)

@@ -242,16 +242,9 @@ torch.library.register_autograd("afkern::add_layernorm_fwd", _add_ln_bwd_autogra
 # ---------------------------------------------------------------------------------------------
 
 
-def rowop(
-    Z: torch.Tensor,
-    A: torch.Tensor,
-    sb: Optional[torch.Tensor],
-    n_adapters: int,
-    activation: str,
-    inv_temperature: float = 1.0,
-    score_scale: Optional[torch.Tensor] = None,
-    prior: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+def rowop(Z: torch.Tensor, A: torch.Tensor, sb: Optional[torch.Tensor], n_adapters: int, activation: str,
+          inv_temperature: float = 1.0, score_scale: Optional[torch.Tensor] = None,
+          prior: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """The fusion row op through ``torch.ops.afkern.rowop_fwd`` (differentiable).
 
     Z, A: [T, N*r] (same float dtype; any row stride, unit stride along the row); sb: [T, N] or

@@ -48,15 +48,7 @@ def primitives() -> Primitives:
 
 def layer(h, input_tensor, P, spec, inv_temperature=1.0, score_scale=None, folded=None, prior=None):
     """h, input_tensor [T, d] on CUDA (or CPU under TRITON_INTERPRET=1), float32 / bfloat16 / float16."""
-    from ..kernels.common import INTERPRET
-
-    if h.device.type != "cuda" and not INTERPRET:
-        raise RuntimeError(f"triton backend: tensors are on {h.device}; it runs on CUDA, or on CPU only with "
-                           "TRITON_INTERPRET=1 set before triton is imported")
-    N, r, d = P.down_weight.shape
-    if h.shape[0] * max(d, 2 * N * r) > MAX_INDEX:
-        raise ValueError(f"triton backend: {h.shape[0]} tokens x width {max(d, 2 * N * r)} exceeds the kernels' "
-                         "int32 indexing (2**31 elements per tensor); split the batch")
+    _check(h, P)
     return fusion_layer(h.contiguous(), input_tensor.contiguous(), P, spec, primitives(), inv_temperature,
                         score_scale, folded, prior)
 

@@ -25,8 +25,6 @@ afkern saved: same weights). Writes ``multifusion.csv``, ``multifusion.md`` and
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import os
 import tempfile
@@ -36,7 +34,8 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn as nn
 
-from .._io import atomic_write_bytes
+from .._io import atomic_save_png, atomic_write_bytes
+from .report import write_csv
 from . import env
 from .stats import paired_ratio, percentile
 from .timing import Case, run_group
@@ -251,7 +250,7 @@ def run(args, cfg: dict, out_dir: str, argv: List[str]) -> int:
         mixed = next(r for r in rows if r["k"] == k and r["provider"] == "mixed")
         print(f"  K={k}: {line}; mixed / one_fusion = {mixed['ratio_to_one_fusion']:.3f} "
               f"(mixed rel. err {errs['mixed']:.1e})", flush=True)
-        _write_csv(os.path.join(out_dir, "multifusion.csv"), rows)
+        write_csv(os.path.join(out_dir, "multifusion.csv"), rows, COLUMNS)
     summary = _summary(rows, ks[-1])
     print("\n" + summary)
     written = [os.path.join(out_dir, "multifusion.csv"), os.path.join(out_dir, "multifusion.md")]
@@ -273,19 +272,6 @@ def _summary(rows: List[dict], K: int) -> str:
         if r is not None and r["repeats"]:
             lines.append(f"  {p}: {r['median_ms']:.1f} ms = {r['ratio_to_mixed']:.2f}x the mixed batch")
     return "\n".join(lines)
-
-
-def _fmt(v):
-    return "" if isinstance(v, float) and math.isnan(v) else (f"{v:.6g}" if isinstance(v, float) else v)
-
-
-def _write_csv(path: str, rows: List[dict]) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: _fmt(r.get(k, "")) for k in COLUMNS})
-    atomic_write_bytes(path, buf.getvalue().encode())
 
 
 def _write_md(path: str, rows: List[dict], summary: str, meta: dict, argv: List[str]) -> None:
@@ -325,8 +311,4 @@ def _plot(path: str, rows: List[dict], meta: dict) -> Optional[str]:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+    return atomic_save_png(fig, path)

@@ -20,9 +20,9 @@ import csv
 import io
 import math
 import os
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
-from .._io import atomic_write_bytes
+from .._io import atomic_save_png, atomic_write_bytes
 from .providers import BASELINES
 from .stats import percentile
 
@@ -49,12 +49,13 @@ def _fmt_csv(v):
     return v
 
 
-def write_csv(path: str, rows: List[dict]) -> None:
+def write_csv(path: str, rows: List[dict], columns: Sequence[str] = CSV_COLUMNS) -> None:
+    """The rows as CSV (``columns``, nan as an empty cell), written atomically."""
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for r in rows:
-        w.writerow({k: _fmt_csv(r.get(k, "")) for k in CSV_COLUMNS})
+        w.writerow({k: _fmt_csv(r.get(k, "")) for k in columns})
     atomic_write_bytes(path, buf.getvalue().encode())
 
 
@@ -141,9 +142,7 @@ def write_markdown(path: str, rows, fits, mslopes, targets, meta: Dict[str, str]
 
 
 def _save_fig(fig, path: str) -> None:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_save_png(fig, path, dpi=110)
 
 
 def _prefix(family: str) -> str:

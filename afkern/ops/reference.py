@@ -55,16 +55,9 @@ def _adapter_up(x: torch.Tensor, P: FusionParams, n: int, act) -> torch.Tensor:
     return F.linear(down, P.up_weight[n].t(), P.up_bias[n])
 
 
-def fusion_layer_reference(
-    h: torch.Tensor,
-    input_tensor: torch.Tensor,
-    P: FusionParams,
-    spec: LayerSpec,
-    inv_temperature: float = 1.0,
-    score_scale: Optional[torch.Tensor] = None,
-    folded=None,
-    prior: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def fusion_layer_reference(h: torch.Tensor, input_tensor: torch.Tensor, P: FusionParams, spec: LayerSpec,
+                           inv_temperature: float = 1.0, score_scale: Optional[torch.Tensor] = None, folded=None,
+                           prior: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Naive layer. ``h`` is the sub-layer output (BertOutput's ``dropout(dense(.))``); returns
     (output, fusion probs).
 

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
-import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
@@ -34,15 +32,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import (fused_blocks, fusion_regularization_loss, patch_bert, plot_fusion_weights, route, save_adapterhub)
+from .. import (fused_blocks, fusion_regularization_loss, patch_bert, route, save_adapterhub)
 from .batches import Encoded, encode_task, epoch_batches
-from .checkpoint import set_temperatures, temperatures
 from .data import TaskData
 from .dist import Dist, log
 from .errors import TrainError
 from .heads import AdapterClassifier, ClassificationHead, save_head
 from .loop import amp_context, evaluate
-from .metrics import data_note, env_info, settings, task_record, write_adapter_metrics, write_fusion_metrics
+from .metrics import data_note, env_info, settings, task_record, write_adapter_metrics
 from .models import build_fusion_model, check_model_dir, freeze, load_base_model, load_tokenizer, resolve_adapter_dirs
 
 __all__ = ["train_adapters_parallel", "train_fusion_parallel", "TaskView", "check_parallel"]
@@ -319,7 +316,7 @@ def _standalone(enc: nn.Module, fusion: str, names: List[str]) -> nn.Module:
 def train_fusion_parallel(cfg, tasks: Sequence[TaskData], adapter_dirs: Sequence[str], d: Dist) -> dict:
     """Stage 2 for several target tasks in one run (module doc): one fusion per task over all the
     adapters, named by the task; writes for each task what :func:`.stages.train_fusion` writes."""
-    from .stages import _prune, fusion_config, mean_fusion_weights, seed_all
+    from .stages import fusion_config, save_fusion_outputs, seed_all
 
     check_parallel(cfg, d)
     t_start = time.perf_counter()
@@ -378,45 +375,10 @@ def train_fusion_parallel(cfg, tasks: Sequence[TaskData], adapter_dirs: Sequence
                        task=dict(task_record(t), **_result(s, train_time, amp_name), trainable_parameters=n_train),
                        parallel=out["parallel"])
         if d.main:
-            _save_fusion_outputs(cfg, d, t, clf, one, s.head, names, s.dev, metrics, amp, mean_fusion_weights, _prune)
+            save_fusion_outputs(cfg, d, t, clf, one, s.head, names, s.dev, metrics, amp)
         out["models"][t.name] = clf
         out["metrics"][t.name] = metrics
         log(d, f"[fusion] {t.name}: best dev accuracy {s.best_acc:.4f} (epoch {s.best_epoch})")
     log(d, f"[fusion] {len(tasks)} target tasks in one run: {wall:.1f} s wall, {train_time:.1f} s in training steps")
     return out
 
-
-def _save_fusion_outputs(cfg, d, task, clf, enc_model, head, names, dev: Encoded, metrics, amp, mean_fusion_weights,
-                         prune):
-    """What :func:`.stages.train_fusion` writes for one target (same files, same order)."""
-    fdir = os.path.join(cfg.output_dir, f"fusion-{task.name}")
-    png = os.path.join(cfg.output_dir, f"fusion_weights-{task.name}.png")
-    if cfg.overwrite:
-        if os.path.isdir(fdir):
-            shutil.rmtree(fdir)
-        if os.path.isfile(png):
-            os.remove(png)
-    temps = temperatures(clf)
-    written = save_adapterhub(enc_model, fdir)
-    metrics["fusion_dir"] = written[",".join(names)]
-    metrics["saved_adapter_dirs"] = [written[n] for n in names]
-    metrics["head_dir"] = save_head(head, os.path.join(fdir, "classifier"),
-                                    {"task": task.name, "label_names": task.label_names, "adapters": names,
-                                     "generated": task.generated, "fusion_temperatures": temperatures(enc_model)})
-    weights = mean_fusion_weights(clf, dev, cfg.eval_batch_size, d.device, amp)
-    set_temperatures(clf, temps)
-    metrics["mean_fusion_weights"] = {k: dict(zip(names, v.tolist())) for k, v in weights.items()}
-    metrics["heatmap"] = None
-    write_fusion_metrics(cfg.output_dir, metrics, cfg.overwrite)
-    if cfg.prune_k is not None:
-        metrics["pruning"], _ = prune(cfg, clf, enc_model, head, names, weights, dev, d, amp, fdir, metrics["fusion_dir"])
-        write_fusion_metrics(cfg.output_dir, metrics, cfg.overwrite)
-    if not cfg.no_heatmap:
-        title = f"{task.name}: dev set" + ("\n(GENERATED data)" if task.generated else "")
-        try:
-            metrics["heatmap"] = plot_fusion_weights(weights, names, png, title)
-        except Exception as exc:  # an optional figure: report it, keep everything else
-            metrics["heatmap_error"] = f"{type(exc).__name__}: {exc}"
-            print(f"afkern-train: warning: the heatmap {png} could not be drawn ({metrics['heatmap_error']}); "
-                  "the model and metrics are saved", file=sys.stderr, flush=True)
-        write_fusion_metrics(cfg.output_dir, metrics, cfg.overwrite)

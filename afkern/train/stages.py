@@ -221,40 +221,49 @@ def train_fusion(cfg, task: TaskData, adapter_dirs: Sequence[str], d: Dist) -> d
         metrics["ddp_params_in_sync"] = params_in_sync(clf, d)
     if d.main:
         amp, _ = amp_context(cfg, d.device)
-        fdir = os.path.join(cfg.output_dir, f"fusion-{task.name}")
-        png = os.path.join(cfg.output_dir, f"fusion_weights-{task.name}.png")
-        if cfg.overwrite:  # no stale adapter folders, pruned files or figure of the replaced run
-            if os.path.isdir(fdir):
-                shutil.rmtree(fdir)
-            if os.path.isfile(png):
-                os.remove(png)
-        temps = temperatures(clf)
-        written = save_adapterhub(enc_model, fdir)
-        metrics["fusion_dir"] = written[",".join(names)]
-        metrics["saved_adapter_dirs"] = [written[n] for n in names]
-        metrics["head_dir"] = save_head(head, os.path.join(fdir, "classifier"),
-                                        {"task": task.name, "label_names": task.label_names, "adapters": names,
-                                         "generated": task.generated, "fusion_temperatures": temperatures(enc_model)})
-        weights = mean_fusion_weights(clf, dv, cfg.eval_batch_size, d.device, amp)
-        set_temperatures(clf, temps)  # the dev pass must not move the annealed temperature
-        metrics["mean_fusion_weights"] = {k: dict(zip(names, v.tolist())) for k, v in weights.items()}
-        metrics["heatmap"] = None
-        write_fusion_metrics(cfg.output_dir, metrics, cfg.overwrite)
-        if cfg.prune_k is not None:
-            metrics["pruning"], out["pruned_model"] = _prune(cfg, clf, enc_model, head, names, weights, dv, d, amp,
-                                                             fdir, metrics["fusion_dir"])
-            write_fusion_metrics(cfg.output_dir, metrics, cfg.overwrite)
-        log(d, f"[fusion] {task.name}: best dev accuracy {res['best_dev_accuracy']:.4f}; saved {fdir} and "
-               f"{os.path.join(cfg.output_dir, 'metrics_fusion.json')}")
-        if not cfg.no_heatmap:
-            title = f"{task.name}: dev set" + ("\n(GENERATED data)" if task.generated else "")
-            try:
-                metrics["heatmap"] = plot_fusion_weights(weights, names, png, title)
-                log(d, f"[fusion] heatmap {metrics['heatmap']}")
-            except Exception as exc:  # an optional figure: report it, keep everything else
-                metrics["heatmap_error"] = f"{type(exc).__name__}: {exc}"
-                print(f"afkern-train: warning: the heatmap {png} could not be drawn ({metrics['heatmap_error']}); "
-                      "the model and metrics are saved", file=sys.stderr, flush=True)
-            write_fusion_metrics(cfg.output_dir, metrics, cfg.overwrite)
+        out["pruned_model"] = save_fusion_outputs(cfg, d, task, clf, enc_model, head, names, dv, metrics, amp)
+        log(d, f"[fusion] {task.name}: best dev accuracy {res['best_dev_accuracy']:.4f}")
     barrier(d)
     return out
+
+def save_fusion_outputs(cfg, d, task, clf, enc_model, head, names, dev, metrics, amp):
+    """Write what stage 2 leaves for one target task, in this order: the AdapterHub directories
+    (adapters and fusion) and the head, the metrics, the pruned model (``--prune-k``), the heatmap
+    (optional: a failure is reported and recorded, never lost work). Returns the pruned model or None."""
+    fdir = os.path.join(cfg.output_dir, f"fusion-{task.name}")
+    png = os.path.join(cfg.output_dir, f"fusion_weights-{task.name}.png")
+    if cfg.overwrite:  # no stale adapter folders, pruned files or figure of the replaced run
+        if os.path.isdir(fdir):
+            shutil.rmtree(fdir)
+        if os.path.isfile(png):
+            os.remove(png)
+    temps = temperatures(clf)
+    written = save_adapterhub(enc_model, fdir)
+    metrics["fusion_dir"] = written[",".join(names)]
+    metrics["saved_adapter_dirs"] = [written[n] for n in names]
+    metrics["head_dir"] = save_head(head, os.path.join(fdir, "classifier"),
+                                    {"task": task.name, "label_names": task.label_names, "adapters": names,
+                                     "generated": task.generated, "fusion_temperatures": temperatures(enc_model)})
+    weights = mean_fusion_weights(clf, dev, cfg.eval_batch_size, d.device, amp)
+    set_temperatures(clf, temps)  # the dev pass must not move the annealed temperature
+    metrics["mean_fusion_weights"] = {k: dict(zip(names, v.tolist())) for k, v in weights.items()}
+    metrics["heatmap"] = None
+    write_fusion_metrics(cfg.output_dir, metrics, cfg.overwrite)
+    pruned = None
+    if cfg.prune_k is not None:
+        metrics["pruning"], pruned = _prune(cfg, clf, enc_model, head, names, weights, dev, d, amp, fdir,
+                                            metrics["fusion_dir"])
+        write_fusion_metrics(cfg.output_dir, metrics, cfg.overwrite)
+    log(d, f"[fusion] {task.name}: saved {fdir} and {os.path.join(cfg.output_dir, 'metrics_fusion.json')}")
+    if not cfg.no_heatmap:
+        title = f"{task.name}: dev set" + ("\n(GENERATED data)" if task.generated else "")
+        try:
+            metrics["heatmap"] = plot_fusion_weights(weights, names, png, title)
+            log(d, f"[fusion] heatmap {metrics['heatmap']}")
+        except Exception as exc:  # an optional figure: report it, keep everything else
+            metrics["heatmap_error"] = f"{type(exc).__name__}: {exc}"
+            print(f"afkern-train: warning: the heatmap {png} could not be drawn ({metrics['heatmap_error']}); "
+                  "the model and metrics are saved", file=sys.stderr, flush=True)
+        write_fusion_metrics(cfg.output_dir, metrics, cfg.overwrite)
+    return pruned
+
