@@ -321,13 +321,14 @@ def test_from_adapterhub_single_adapter_and_refused_compositions():
 
 # ----------------------------------------------------------------------------- the Trainer workflow
 def _trainer_doc_blocks():
-    text = open(os.path.join(ROOT, "docs", "README_trainer.md")).read()
-    return re.findall(r"<!-- test: run -->\n```python\n(.*?)```", text, flags=re.S)
+    text = open(os.path.join(ROOT, "README.md")).read()
+    return re.findall(r"<!-- test: trainer -->\n```python\n(.*?)```", text, flags=re.S)
 
 
 def test_trainer_workflow_in_the_readme_runs(tmp_path, monkeypatch):
-    """docs/README_trainer.md (the README section on HF's Trainer) runs as written: patch, train
-    with Trainer (gradient checkpointing on), save_model, afkern.from_pretrained, same logits."""
+    """The README's section on HF's Trainer runs as written (its blocks marked ``test: trainer``, in
+    order, in one namespace): patch, train with Trainer (gradient checkpointing on), save_model,
+    afkern.from_pretrained, same logits."""
     pytest.importorskip("accelerate")
     monkeypatch.chdir(tmp_path)
     blocks = _trainer_doc_blocks()
@@ -336,7 +337,7 @@ def test_trainer_workflow_in_the_readme_runs(tmp_path, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for i, code in enumerate(blocks):
-            exec(compile(code, f"docs/README_trainer.md example {i}", "exec"), ns)
+            exec(compile(code, f"README.md Trainer example {i}", "exec"), ns)
     assert ns["trainer"].state.global_step > 0
     torch.testing.assert_close(ns["reloaded_logits"], ns["logits"], rtol=0, atol=0)
 
