@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from ..ops.reference import fusion_layer_reference as layer
-from ..ops.routed import routed_adapter_reference as routed_adapter_layer
-from ..ops.routed import routed_layer_reference as routed_layer
+from ..ops.reference import routed_adapter_reference as routed_adapter_layer
+from ..ops.reference import routed_layer_reference as routed_layer
 
 __all__ = ["layer", "routed_layer", "routed_adapter_layer", "status"]
 

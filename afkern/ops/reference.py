@@ -15,7 +15,8 @@ sections 5 and 7): ``prior`` is added to the tempered scores before the softmax
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import dataclasses
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from ..activations import activation_fn
 from .params import FusionParams, LayerSpec
 
-__all__ = ["fusion_layer_reference", "block_prologue"]
+__all__ = ["fusion_layer_reference", "block_prologue", "routed_layer_reference", "routed_adapter_reference"]
 
 
 def _norm(u: torch.Tensor, P: FusionParams, spec: LayerSpec) -> torch.Tensor:
@@ -98,3 +99,43 @@ def fusion_layer_reference(h: torch.Tensor, input_tensor: torch.Tensor, P: Fusio
         if spec.layer_norm:
             hidden = _norm(hidden, P, spec)
     return hidden, probs
+
+
+# ---------------------------------------------------------------------------------------------
+# routed batches (afkern.ops.routed): a loop over fusions of the naive layer
+# ---------------------------------------------------------------------------------------------
+
+
+def routed_layer_reference(h: torch.Tensor, input_tensor: torch.Tensor, P: FusionParams, spec: LayerSpec,
+                           plan, fusions) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Each fusion's tokens gathered and run through :func:`fusion_layer_reference` alone
+    (``fusions[k].params``), then scattered back: the oracle of
+    ``afkern.ops.routed.routed_fusion_layer`` (``plan``: its ``RoutePlan``; ``fusions``: its
+    ``RoutedFusion`` records)."""
+    N = P.down_weight.shape[0]
+    T = h.shape[0]
+    acc_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
+    out = h.new_zeros(T, spec.hidden)
+    probs = torch.zeros(T, N, dtype=acc_dtype, device=h.device)
+    for k, f in enumerate(fusions):
+        idx = plan.token_index(k)
+        o, pk = fusion_layer_reference(h.index_select(0, idx), input_tensor.index_select(0, idx), f.params, f.spec,
+                                       f.inv_temperature, f.score_scale, None, f.prior)
+        out = out.index_copy(0, idx, o.to(out.dtype))
+        full = torch.zeros(idx.shape[0], N, dtype=acc_dtype, device=h.device)
+        full[:, f.index if f.index is not None else slice(None)] = pk.detach().to(acc_dtype)
+        probs.index_copy_(0, idx, full)
+    return out, probs
+
+
+def routed_adapter_reference(h: torch.Tensor, input_tensor: torch.Tensor, P: FusionParams, spec: LayerSpec,
+                             plan, adapters: Sequence[int]) -> torch.Tensor:
+    """The oracle of ``afkern.ops.routed.routed_adapter_layer``: each adapter's tokens through the
+    reference layer."""
+    out = h.new_zeros(h.shape[0], spec.hidden)
+    for k, a in enumerate(adapters):
+        idx = plan.token_index(k)
+        o, _ = fusion_layer_reference(h.index_select(0, idx), input_tensor.index_select(0, idx), P,
+                                      dataclasses.replace(spec, fusion=False, active=a), 1.0, None, None, None)
+        out = out.index_copy(0, idx, o.to(out.dtype))
+    return out

@@ -26,8 +26,9 @@ no row op: ``up = act(x Wd_a + bd_a) Wu_a + bu_a`` as two segmented GEMMs.
 
 A backend brings :class:`afkern.ops.layer.Primitives` (row op, add + norm) and a segmented GEMM
 (:func:`seg_mm_torch`: a loop over the K segments of torch GEMMs, no copy of any [T, N r] tensor;
-the triton backend's ``kernels/segmented.py``: one launch for every segment). ``reference``
-computes the same with a loop over fusions of the oracle layer (:func:`routed_layer_reference`).
+the triton backend's ``kernels/segmented.py``: one launch for every segment). The oracle,
+``afkern.ops.reference.routed_layer_reference``, computes the same with a loop over fusions of
+the naive layer.
 """
 
 from __future__ import annotations
@@ -44,10 +45,9 @@ import torch.nn.functional as F
 from ..activations import activation_fn
 from .params import FusionParams, LayerSpec
 from .prologue import add_norm, norm_only, prologue
-from .reference import fusion_layer_reference
 
 __all__ = ["current_route", "ACTIVE_ROUTES", "strided_stack", "RoutePlan", "RoutedFold", "RoutedFusion", "routed_fusion_layer", "routed_adapter_layer",
-           "routed_layer_reference", "routed_adapter_reference", "seg_mm_torch", "route_plan"]
+           "seg_mm_torch", "route_plan"]
 
 
 #: The routes entered by ``afkern.route`` (innermost last); each says which blocks it covers.
@@ -476,40 +476,3 @@ def routed_adapter_layer(h: torch.Tensor, input_tensor: torch.Tensor, P: FusionP
     if spec.original_ln_after:
         hidden = add_norm(prims, hidden, xs, P, spec)
     return plan.unsort(hidden)
-
-
-# ---------------------------------------------------------------------------------------------
-# the oracle: a loop over fusions of the reference layer
-# ---------------------------------------------------------------------------------------------
-
-
-def routed_layer_reference(h: torch.Tensor, input_tensor: torch.Tensor, P: FusionParams, spec: LayerSpec,
-                           plan: RoutePlan, fusions: Sequence[RoutedFusion]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Each fusion's tokens gathered and run through the naive layer of ``afkern.ops.reference``
-    alone (``fusions[k].params``), then scattered back: the oracle of :func:`routed_fusion_layer`."""
-    N = P.down_weight.shape[0]
-    T = h.shape[0]
-    acc_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
-    out = h.new_zeros(T, spec.hidden)
-    probs = torch.zeros(T, N, dtype=acc_dtype, device=h.device)
-    for k, f in enumerate(fusions):
-        idx = plan.token_index(k)
-        o, pk = fusion_layer_reference(h.index_select(0, idx), input_tensor.index_select(0, idx), f.params, f.spec,
-                                       f.inv_temperature, f.score_scale, None, f.prior)
-        out = out.index_copy(0, idx, o.to(out.dtype))
-        full = torch.zeros(idx.shape[0], N, dtype=acc_dtype, device=h.device)
-        full[:, f.index if f.index is not None else slice(None)] = pk.detach().to(acc_dtype)
-        probs.index_copy_(0, idx, full)
-    return out, probs
-
-
-def routed_adapter_reference(h: torch.Tensor, input_tensor: torch.Tensor, P: FusionParams, spec: LayerSpec,
-                             plan: RoutePlan, adapters: Sequence[int]) -> torch.Tensor:
-    """The oracle of :func:`routed_adapter_layer`: each adapter's tokens through the reference layer."""
-    out = h.new_zeros(h.shape[0], spec.hidden)
-    for k, a in enumerate(adapters):
-        idx = plan.token_index(k)
-        o, _ = fusion_layer_reference(h.index_select(0, idx), input_tensor.index_select(0, idx), P,
-                                      dataclasses.replace(spec, fusion=False, active=a), 1.0, None, None, None)
-        out = out.index_copy(0, idx, o.to(out.dtype))
-    return out
