@@ -143,7 +143,8 @@ class LiveSetup(dict):
 
 def track_model(model: nn.Module) -> nn.Module:
     """Everything a patched model carries at model level: the temperature clock (the fusion
-    temperature moves once per model forward; :func:`afkern.fusion.attach_temperature_clock`) and
+    temperature moves with the model's forwards, never with a recomputation;
+    :func:`afkern.fusion.attach_temperature_clock`) and
     the live ``config.afkern`` record. afkern's patch and load functions call it; idempotent."""
     attach_temperature_clock(model)
     cfg = getattr(model, "config", None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -22,6 +23,9 @@ from conftest import perturb_, rel_err
 torch.set_grad_enabled(True)
 
 ADAPTERS = ["a", "b", "c", "d"]
+# where the kernel cases run: CUDA on a GPU machine (AFKERN_TEST_GPU=1: Triton compiled, the cuda
+# backend's extension), else CPU tensors (Triton interpreter, the custom ops' CPU kernels)
+KDEV = "cuda" if os.environ.get("AFKERN_TEST_GPU") == "1" and torch.cuda.is_available() else "cpu"
 # name -> (adapters, config): subsets, another order, static, no query, temperature, and the two
 # structural flags (query_before_ln, residual_before) mixed with the plain ones in one batch
 FUSIONS = {
@@ -433,14 +437,14 @@ def test_route_covers_only_its_model_and_nests():
 
 
 # ----------------------------------------------------------------------------------- backends
-def _layer_case(b, route, grad, dtype):
-    """(h, x, P, spec, plan, make_inputs) of one routed layer of block ``b`` on a per-token route."""
+def _layer_case(b, route, grad, dtype, device="cpu"):
+    """(h, x, P, spec, plan) of one routed layer of block ``b`` (on ``device``) on a per-token route."""
     g = torch.Generator().manual_seed(5)
     T = len(route)
-    h = torch.randn(T, 24, generator=g, dtype=torch.float64).to(dtype).requires_grad_(grad)
-    x = torch.randn(T, 24, generator=g, dtype=torch.float64).to(dtype).requires_grad_(grad)
+    h = torch.randn(T, 24, generator=g, dtype=torch.float64).to(device, dtype).requires_grad_(grad)
+    x = torch.randn(T, 24, generator=g, dtype=torch.float64).to(device, dtype).requires_grad_(grad)
     names = list(b.fusions)
-    plan = route_plan([names.index(r) for r in route], names, 1, "cpu")
+    plan = route_plan([names.index(r) for r in route], names, 1, device)
     spec = routed_spec(b, b.fusions[plan.names[0]])
     return h, x, block_params(b), spec, plan
 
@@ -464,27 +468,28 @@ def test_kernel_backends_routed_layer_match_reference(which, grad):
     b32 = copy.deepcopy(b64).float()
     route = ["tri", "sub", "a,b,c,d", "qbl", "rb", "tri", "rev", "hot", "sub", "tri", "rb", "qbl", "sub"]
 
-    def run(block, dtype, layer, with_params=False):
-        h, x, P, spec, plan = _layer_case(block, route, grad, dtype)
+    def run(block, dtype, layer, with_params=False, device="cpu"):
+        block = block.to(device)
+        h, x, P, spec, plan = _layer_case(block, route, grad, dtype, device)
         for f in block.fusions.values():
             f.temperature = 7.0 if f.config.temperature else 1.0
         fold = not grad
         with torch.set_grad_enabled(grad):
-            fs = routed_inputs(block, plan, "cpu", fold, with_params=with_params)
+            fs = routed_inputs(block, plan, device, fold, with_params=with_params)
             out, p = layer(h, x, P, spec, plan, fs)
             grads = None
             if grad:
                 w = torch.randn(out.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64).to(dtype)
                 leaves = [h, x, block.down_weight, block.up_weight, block.fusions["tri"].query.weight,
                           block.fusions["rb"].value.weight, block.fusions["qbl"].key.weight, block.LayerNorm.weight]
-                grads = torch.autograd.grad((out * w).sum(), leaves)
-        return out.detach(), p.detach(), grads
+                grads = [t.cpu() for t in torch.autograd.grad((out * w.to(device)).sum(), leaves)]
+        return out.detach().cpu(), p.detach().cpu(), grads
 
     ref = run(b64, torch.float64, reference.routed_layer, with_params=True)
     fast64 = run(b64, torch.float64, torch_ops.routed_layer)
     assert rel_err(fast64[0], ref[0]) < 1e-9 and rel_err(fast64[1], ref[1]) < 1e-9
     base = run(b32, torch.float32, torch_ops.routed_layer)
-    got = run(b32, torch.float32, mod.routed_layer)
+    got = run(copy.deepcopy(b32), torch.float32, mod.routed_layer, device=KDEV)
     for a, bb, r in [(got[0], base[0], ref[0]), (got[1], base[1], ref[1])] + (
             list(zip(got[2], base[2], ref[2])) if grad else []):
         assert rel_err(a, r) <= 2 * rel_err(bb, r) + 1e-5, (rel_err(a, r), rel_err(bb, r))
@@ -497,6 +502,8 @@ def test_triton_routed_adapter_layer_matches_torch():
     b = _block(dtype=torch.float32)
     route = ["c", "a", "a", "d", "c", "b", "a"]
     plan = route_plan([ADAPTERS.index(r) for r in route], ADAPTERS, 1, "cpu")
+    plan_k = route_plan([ADAPTERS.index(r) for r in route], ADAPTERS, 1, KDEV)
+    bk = copy.deepcopy(b).to(KDEV)
     adapters = [ADAPTERS.index(n) for n in plan.names]
     from afkern.routing import single_spec
 
@@ -505,10 +512,11 @@ def test_triton_routed_adapter_layer_matches_torch():
     h = torch.randn(7, 24, generator=g, requires_grad=True)
     x = torch.randn(7, 24, generator=g)
     outs = []
-    for mod in (torch_ops, triton_ops):
-        o = mod.routed_adapter_layer(h, x, block_params(b), spec, plan, adapters)
-        gh, gw = torch.autograd.grad(o.pow(2).sum(), [h, b.up_weight])
-        outs.append((o, gh, gw))
+    for mod, blk, pl, dev in ((torch_ops, b, plan, "cpu"), (triton_ops, bk, plan_k, KDEV)):
+        hd = h.detach().to(dev).requires_grad_(True)
+        o = mod.routed_adapter_layer(hd, x.to(dev), block_params(blk), spec, pl, adapters)
+        gh, gw = torch.autograd.grad(o.pow(2).sum(), [hd, blk.up_weight])
+        outs.append((o.cpu(), gh.cpu(), gw.cpu()))
     for a, c in zip(*outs):
         assert rel_err(a, c) < 2e-5
 
@@ -519,14 +527,15 @@ def test_segmented_gemm_kernel_matches_torch(T_codes, seq_len):
     pytest.importorskip("triton")
     from afkern.kernels.segmented import seg_mm_triton
 
-    plan = route_plan(T_codes, ["a", "b", "c"], seq_len, "cpu")
+    plan = route_plan(T_codes, ["a", "b", "c"], seq_len, KDEV)
     g = torch.Generator().manual_seed(0)
     K, N, S = 37, 45, len(plan.bounds)
-    x = torch.randn(plan.tokens, K, generator=g, requires_grad=True)
-    W = [torch.randn(K, N, generator=g, requires_grad=True) for _ in range(S)]
-    bias = [torch.randn(N, generator=g, requires_grad=True) if i % 2 == 0 else None for i in range(S)]
-    base = torch.randn(plan.tokens, N, generator=g, requires_grad=True)
-    gout = torch.randn(plan.tokens, N, generator=g)
+    rnd = lambda *shape: torch.randn(*shape, generator=g).to(KDEV).requires_grad_(True)  # noqa: E731
+    x = rnd(plan.tokens, K)
+    W = [rnd(K, N) for _ in range(S)]
+    bias = [rnd(N) if i % 2 == 0 else None for i in range(S)]
+    base = rnd(plan.tokens, N)
+    gout = torch.randn(plan.tokens, N, generator=g).to(KDEV)
     leaves = [x, *W, *[v for v in bias if v is not None], base]
     res = []
     for fn in (seg_mm_torch, seg_mm_triton):

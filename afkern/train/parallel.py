@@ -230,15 +230,20 @@ def _result(s: _Task, train_time: float, amp_name: str) -> dict:
             "train_time_s": train_time, "amp": amp_name}
 
 
+def _start(cfg, d: Dist):
+    """A joint run's checks, clock, model folder and tokenizer."""
+    check_parallel(cfg, d)
+    t_start = time.perf_counter()
+    model_dir = check_model_dir(cfg.model)
+    return t_start, model_dir, load_tokenizer(model_dir)
+
+
 # ------------------------------------------------------------------------------------ stage 1
 def train_adapters_parallel(cfg, tasks: Sequence[TaskData], d: Dist) -> dict:
     """Stage 1 for every task in one run (module doc); writes what :func:`.stages.train_adapters` writes."""
     from .stages import adapter_config, seed_all
 
-    check_parallel(cfg, d)
-    t_start = time.perf_counter()
-    model_dir = check_model_dir(cfg.model)
-    tok = load_tokenizer(model_dir)
+    t_start, model_dir, tok = _start(cfg, d)
     acfg = adapter_config(cfg)
     base = load_base_model(model_dir)
     encoded = {t.name: encode_task(tok, t, cfg.max_length) for t in tasks}
@@ -318,10 +323,7 @@ def train_fusion_parallel(cfg, tasks: Sequence[TaskData], adapter_dirs: Sequence
     adapters, named by the task; writes for each task what :func:`.stages.train_fusion` writes."""
     from .stages import fusion_config, save_fusion_outputs, seed_all
 
-    check_parallel(cfg, d)
-    t_start = time.perf_counter()
-    model_dir = check_model_dir(cfg.model)
-    tok = load_tokenizer(model_dir)
+    t_start, model_dir, tok = _start(cfg, d)
     dirs = resolve_adapter_dirs(adapter_dirs)
     fcfg = fusion_config(cfg)
     enc, names, heads = None, None, {}
