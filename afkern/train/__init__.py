@@ -20,7 +20,8 @@ Modules, one concern each:
 - :mod:`.heads` the classification head; :mod:`.models` base model, fusion model, reloading;
 - :mod:`.loop` the training loop (early stopping, resume, Ctrl-C); :mod:`.checkpoint` checkpoints;
 - :mod:`.stages` stage 1 and stage 2; :mod:`.demo` both on generated data;
-- :mod:`.prune` pruning and the pruned-model file; :mod:`.metrics` the metrics files.
+- :mod:`.prune` pruning and the pruned-model file; :mod:`.metrics` the metrics files;
+- :mod:`.predict` ``afkern-train predict``: new texts through trained tasks, routed in one batch.
 """
 
 from .checkpoint import CKPT_FORMAT, load_checkpoint, load_trainable_state, save_checkpoint, trainable_state
@@ -30,6 +31,7 @@ from .demo_data import GENERATED_NOTE, demo_vocabulary, make_demo_tasks
 from .errors import DataError, TrainError
 from .heads import AdapterClassifier, ClassificationHead, load_head, save_head
 from .models import check_model_dir, default_model_dir, load_base_model, load_classifier, load_tokenizer
+from .predict import Predictor, predict
 from .prune import apply_pruned, load_pruned_spec, prune_block, prune_model
 
 __all__ = [
@@ -39,5 +41,5 @@ __all__ = [
     "prune_block", "prune_model", "load_pruned_spec", "apply_pruned",
     "save_checkpoint", "load_checkpoint", "trainable_state", "load_trainable_state", "CKPT_FORMAT",
     "TaskData", "load_task", "parse_task_spec", "read_records", "read_table", "write_jsonl", "data_fingerprint",
-    "make_demo_tasks", "demo_vocabulary", "GENERATED_NOTE",
+    "make_demo_tasks", "demo_vocabulary", "GENERATED_NOTE", "Predictor", "predict",
 ]

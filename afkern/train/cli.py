@@ -15,6 +15,7 @@ from .dist import barrier, init_dist
 from .errors import DataError, TrainError
 from .loop import RESUME_HINT
 from .models import check_model_dir, default_model_dir
+from .predict import add_predict_parser
 from .preflight import adapter_outputs, check_extras, check_outputs, fusion_outputs
 from .stages import PAPER, train_adapters, train_fusion
 
@@ -145,7 +146,7 @@ def _add_fusion_opts(p, demo=False):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="afkern-train", description=DESCRIPTION, formatter_class=_HelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{adapters,fusion,demo}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{adapters,fusion,demo,predict}")
     a = sub.add_parser("adapters", help="stage 1: one single-task adapter per task on a frozen model",
                        formatter_class=_HelpFormatter)
     _add_common(a, "adapters")
@@ -160,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(dm, "demo")
     _add_adapter_opts(dm, demo=True)
     _add_fusion_opts(dm, demo=True)
+    add_predict_parser(sub, _HelpFormatter)
     return p
 
 
@@ -203,6 +205,10 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     if cfg.output_dir is None:  # only the demo has no required --output-dir
         cfg.output_dir = "afkern-demo"
     cfg.output_dir = os.path.abspath(cfg.output_dir)
+    if cfg.command == "predict":  # afkern.train.predict: reads a finished run, trains nothing
+        from .predict import run_predict
+
+        return run_predict(cfg)
     check_extras(cfg)
     if cfg.model is None:
         cfg.model = default_model_dir()
