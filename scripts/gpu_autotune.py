@@ -62,6 +62,7 @@ def main(argv=None) -> int:
     import triton
 
     import afkern
+    from afkern._io import atomic_write_json
     from afkern.kernels import fusion_core as fc, tuned
     from afkern.kernels.common import arch as device_arch
 
@@ -127,56 +128,55 @@ def main(argv=None) -> int:
     results, winners, rows = [], {}, []
     ns = [int(v) for v in a.n_adapters.split(",")]
     stopped = None
-    for wname in [w for w in a.widths.split(",") if w]:
+    # dtype-major: every width in bfloat16 first, so a budget that runs out leaves the other dtypes untuned
+    groups = [(w, t) for t in a.dtypes.split(",") if t for w in a.widths.split(",") if w]
+    for wname, dname in groups:
         d, inter = WIDTHS[wname]
-        for dname in [t for t in a.dtypes.split(",") if t]:
-            if time.perf_counter() - t_start > a.budget_s:
-                stopped = f"budget of {a.budget_s:.0f}s reached before {wname} {dname}"
-                break
-            dtype = getattr(torch, dname)
-            fp32 = dtype == torch.float32
-            sc, mc = fc.scores_configs(arch, fp32), fc.mix_configs(arch, fp32)
-            for form in FORMS:
-                best_s = sc[0]
-                for n in ns:
-                    blk, call = make_call(d, inter, n, dtype, form)
-                    ks, km = keys(d, blk.bottleneck, n, form, dname)
-                    if n == ns[0] and len(sc) > 1:
-                        times = []
-                        for c in sc:
-                            force({ks: {"config": tuned.config_dict(c)}, km: {"config": tuned.config_dict(mc[0])}})
-                            times.append(bench(call))
-                        k = min(range(len(sc)), key=times.__getitem__)
-                        best_s = sc[k]
-                        results.append(dict(kernel="scores", key=ks, width=wname, dtype=dname, form=form, n=n,
-                                            tokens=a.tokens, candidates=[tuned.config_dict(c) for c in sc], ms=times))
-                        winners[ks] = dict(config=tuned.config_dict(best_s), ms=times[k], first_candidate_ms=times[0],
-                                           measured=dict(width=wname, n=n, tokens=a.tokens, form=form))
-                        rows.append([wname, dname, "scores", form, str(n), _cfg_str(best_s), f"{times[k]:.4f}",
-                                     f"{times[0]:.4f}", f"{max(times) / min(times):.2f}x", str(len(sc))])
-                    if len(mc) > 1:
-                        times = []
-                        for c in mc:
-                            force({ks: {"config": tuned.config_dict(best_s)}, km: {"config": tuned.config_dict(c)}})
-                            times.append(bench(call))
-                        k = min(range(len(mc)), key=times.__getitem__)
-                        results.append(dict(kernel="mix", key=km, width=wname, dtype=dname, form=form, n=n,
-                                            tokens=a.tokens, candidates=[tuned.config_dict(c) for c in mc], ms=times))
-                        winners[km] = dict(config=tuned.config_dict(mc[k]), ms=times[k], first_candidate_ms=times[0],
-                                           measured=dict(width=wname, n=n, tokens=a.tokens, form=form))
-                        if n == 16 or n == ns[0]:
-                            rows.append([wname, dname, "mix", form, str(n), _cfg_str(mc[k]), f"{times[k]:.4f}",
-                                         f"{times[0]:.4f}", f"{max(times) / min(times):.2f}x", str(len(mc))])
-                    del blk, call
-        if stopped:
+        if time.perf_counter() - t_start > a.budget_s:
+            stopped = f"budget of {a.budget_s:.0f}s reached before {wname} {dname}"
             break
+        dtype = getattr(torch, dname)
+        fp32 = dtype == torch.float32
+        sc, mc = fc.scores_configs(arch, fp32), fc.mix_configs(arch, fp32)
+        for form in FORMS:
+            best_s = sc[0]
+            for n in ns:
+                blk, call = make_call(d, inter, n, dtype, form)
+                ks, km = keys(d, blk.bottleneck, n, form, dname)
+                if n == ns[0] and len(sc) > 1:
+                    times = []
+                    for c in sc:
+                        force({ks: {"config": tuned.config_dict(c)}, km: {"config": tuned.config_dict(mc[0])}})
+                        times.append(bench(call))
+                    k = min(range(len(sc)), key=times.__getitem__)
+                    best_s = sc[k]
+                    results.append(dict(kernel="scores", key=ks, width=wname, dtype=dname, form=form, n=n,
+                                        tokens=a.tokens, candidates=[tuned.config_dict(c) for c in sc], ms=times))
+                    winners[ks] = dict(config=tuned.config_dict(best_s), ms=times[k], first_candidate_ms=times[0],
+                                       measured=dict(width=wname, n=n, tokens=a.tokens, form=form))
+                    rows.append([wname, dname, "scores", form, str(n), _cfg_str(best_s), f"{times[k]:.4f}",
+                                 f"{times[0]:.4f}", f"{max(times) / min(times):.2f}x", str(len(sc))])
+                if len(mc) > 1:
+                    times = []
+                    for c in mc:
+                        force({ks: {"config": tuned.config_dict(best_s)}, km: {"config": tuned.config_dict(c)}})
+                        times.append(bench(call))
+                    k = min(range(len(mc)), key=times.__getitem__)
+                    results.append(dict(kernel="mix", key=km, width=wname, dtype=dname, form=form, n=n,
+                                        tokens=a.tokens, candidates=[tuned.config_dict(c) for c in mc], ms=times))
+                    winners[km] = dict(config=tuned.config_dict(mc[k]), ms=times[k], first_candidate_ms=times[0],
+                                       measured=dict(width=wname, n=n, tokens=a.tokens, form=form))
+                    if n == 16 or n == ns[0]:
+                        rows.append([wname, dname, "mix", form, str(n), _cfg_str(mc[k]), f"{times[k]:.4f}",
+                                     f"{times[0]:.4f}", f"{max(times) / min(times):.2f}x", str(len(mc))])
+                del blk, call
 
     meta = dict(device=name, slug=slug, arch=arch, triton=triton.__version__, torch=torch.__version__,
                 date=time.strftime("%Y-%m-%dT%H:%M:%S%z"), dry=a.dry)
     folder = os.path.join(a.out_root, slug)
     os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "autotune.json"), "w") as f:
-        json.dump(dict(meta, method=__doc__.split("\n\n")[1], stopped=stopped, results=results), f, indent=1)
+    atomic_write_json(os.path.join(folder, "autotune.json"),
+                      dict(meta, method=__doc__.split("\n\n")[1], stopped=stopped, results=results), indent=1)
 
     # merge the winners into the file the kernels read
     try:
@@ -190,10 +190,7 @@ def main(argv=None) -> int:
     doc = {"about": "Triton configs measured on GPUs by scripts/gpu_autotune.py; read by kernels/tuned.py "
                     "(key: kernel|sm<arch>|dtype|autotune key). Regenerate with scripts/gpu_validate.sh autotune.",
            "entries": dict(sorted(entries.items()))}
-    os.makedirs(os.path.dirname(os.path.abspath(a.tuned_file)), exist_ok=True)
-    with open(a.tuned_file, "w") as f:
-        json.dump(doc, f, indent=1)
-        f.write("\n")
+    atomic_write_json(a.tuned_file, doc, indent=1)
 
     check = _check_reading_side(a, fc, tuned, winners, make_call, keys, ns) if winners else "nothing to check"
     print(f"autotune on {name} (sm_{arch}), T={a.tokens}: {len(winners)} winners -> {a.tuned_file} "

@@ -1,53 +1,66 @@
 #!/usr/bin/env bash
-# GPU validation of afkern in stages, each callable alone, for the lent GPU machine (H100/H200).
-# Not part of CI (CI has no GPU). docs/GPU_RUNBOOK.md gives the exact device-tool call of each
-# stage, its timeout and carry list, and what to commit afterwards.
+# GPU validation of afkern in stages, for the lent GPU machine (H200 / H100). Not part of CI (CI has
+# no GPU). A session is lent 15 minutes of device time in all (start, calls, idle and close), so the
+# plan is TWO calls of the device tool (docs/GPU_RUNBOOK.md gives each call's exact arguments):
 #
-#   bash scripts/gpu_validate.sh STAGE [STAGE ...]         (run from anywhere; default: build tests)
+#   bash scripts/gpu_validate.sh call1    (timeout_s 500; deadline 470 s)  build tests ceilings quick
+#   bash scripts/gpu_validate.sh call2    (timeout_s 360; deadline 330 s)  autotune graphs
+#   bash scripts/gpu_validate.sh plan     print both calls' stages and the test list (no work; CPU test)
+#   bash scripts/gpu_validate.sh STAGE [STAGE ...]                          any stages, in the order given
 #
-# Stages (run in the order given; every stage installs what it needs, so each works alone on a
-# fresh machine):
-#   build        build afkern's CUDA extension against this machine's torch; keep it for later calls
-#                (.gpu/ext/, packed into carry.tar.gz)                                    ~1.5-2.5 min
-#   tests        the kernel tests on the GPU: every entry of scripts/gpu_tests.txt, one process each,
-#                AFKERN_TEST_GPU=1 (Triton compiled), AFKERN_EXPECT_EXTENSION=1; missing files are
-#                reported, not failed                                                     ~3-5 min
-#   ceilings     the card's copy bandwidth and 8192^3 matmul rates (scripts/gpu_ceilings.py) ~0.5 min
-#   quick        afkern-bench, bf16, every provider, block N=1,16,64 and the 12-layer model at N=16,
-#                T=4096, + the roofline report                                            ~3-4 min
-#   autotune     Triton configs at BERT-base/large widths -> kernels/tuned_configs.json   ~3-4 min
-#   bench-block  full benchmark, block, N=1..64, T=4096, forward/backward/full            ~3-5 min
-#   bench-infer  full benchmark, 12-layer model, N=1..64, T=4096, inference               ~3-5 min
-#   bench-train  full benchmark, 12-layer model, N=1..64, T=4096, a fusion-training step  ~4-7 min
+# Stages (each installs what it needs, so each works alone on a fresh machine; [cap] = the most
+# seconds a stage may take, AFKERN_GPU_CAP_<STAGE> overrides it; every stage also ends at the deadline):
+#   build        build afkern's CUDA extension against this machine's torch; keep it for call 2
+#                (.gpu/ext/, packed into carry.tar.gz)                                   [160 s]
+#   tests        the kernel tests on the GPU: every entry of scripts/gpu_tests.txt, each its own
+#                process, AFKERN_GPU_TEST_JOBS (4) at a time, AFKERN_TEST_GPU=1 (Triton compiled),
+#                AFKERN_EXPECT_EXTENSION=1 (XDIST=N before an entry: its tests over N processes where
+#                pytest-xdist is installed); missing files are reported, not failed        [190 s]
+#   ceilings     the card's copy bandwidth and 8192^3 matmul rates (scripts/gpu_ceilings.py) [30 s]
+#   quick        afkern-bench bf16, every provider, block N=1,16,64 and the 12-layer model at N=16,
+#                T=4096 (inference and a fusion-training step), + the roofline report  [the rest]
+#   autotune     Triton configs at BERT-base/large widths, bf16 first, N=16,1,64 ->
+#                kernels/tuned_configs.json                                               [210 s]
+#   graphs       the decode step (GPT-2 small width, 4 layers, Fuse(8), batch 1, KV cache) under
+#                torch.cuda.CUDAGraph and torch.compile(mode="reduce-overhead"), plain / torch /
+#                triton (scripts/gpu_graphs.py); reports what cannot capture, never fails on it [the rest]
+#   bench-block  full benchmark, block, N=1..64, T=4096, forward/backward/full           (later sessions)
+#   bench-infer  full benchmark, 12-layer model, N=1..64, T=4096, inference              (later sessions)
+#   bench-train  full benchmark, 12-layer model, N=1..64, T=4096, a fusion-training step (later sessions)
 #   report       the roofline/auto report over every benchmark folder of this device (no GPU work)
-# Aliases: day1 = build tests; full = bench-block bench-infer bench-train;
-#          all = build tests ceilings quick autotune bench-block bench-infer bench-train (several calls' worth)
-# The benchmark stages measure the ceilings first when this device has none yet (+0.5 min).
+# Aliases: call1 = build tests ceilings quick; call2 = autotune graphs; day1 = build tests;
+#          full = bench-block bench-infer bench-train.
 #
 # What comes back (at most 4 files under $OUT, each < 16 MiB; default out/gpu):
-#   summary.txt      every stage's short table and the stage table (also printed last)
+#   summary.txt      every stage's short table and the stage table (also printed last); REWRITTEN
+#                    after every test entry and every stage, so a call cut short still returns one
 #   logs.tar.gz      out/gpu-logs/: every log, JUnit XML, env.txt
 #   results.tar.gz   benchmarks/results/gpu-*/<device-slug>/ (+ kernels/tuned_configs.json): extract at
 #                    the repository root (tar xzf results.tar.gz) and commit
 #   carry.tar.gz     .gpu/ (the built extension and the Triton kernel cache; the extension alone when
 #                    .gpu passes 38 MiB, so that .gpu + .whl + the tree stay under the 64 MiB a call
-#                    may carry): extract at the root and carry ".gpu" in later calls, so they
-#                    neither rebuild nor recompile
+#                    may carry): extract at the root and carry ".gpu" in call 2, so it neither
+#                    rebuilds nor recompiles
 #
 # Time: no stage starts, and a running test or benchmark is stopped (SIGINT; afkern-bench keeps
 # what it measured, row by row), when fewer than AFKERN_GPU_RESERVE_S (25) seconds would remain
-# before AFKERN_GPU_DEADLINE_S (default 540 s from the start): set it below the call's timeout_s so
-# that the packing always runs.
+# before AFKERN_GPU_DEADLINE_S (call1 470, call2 330, else 540 s from the start): keep it about
+# 30 s under the call's timeout_s, so that the packing always runs.
 #
-# Environment: PYTHON (python3), OUT, AFKERN_GPU_DEADLINE_S, AFKERN_GPU_RESERVE_S,
-#   AFKERN_GPU_TESTS (the test list, scripts/gpu_tests.txt), AFKERN_GPU_TEST_TIMEOUT (per entry, 240),
+# Environment: PYTHON (python3), OUT, AFKERN_GPU_DEADLINE_S, AFKERN_GPU_RESERVE_S, AFKERN_GPU_CAP_<STAGE>,
+#   AFKERN_GPU_TESTS (the test list, scripts/gpu_tests.txt), AFKERN_GPU_TEST_TIMEOUT (per entry, 200),
+#   AFKERN_GPU_TEST_JOBS (entries at a time: 4; 1 in the dry run), AFKERN_GPU_AUTOBUILD (1; call2: 0:
+#   a stage other than build never builds the extension when none is carried),
 #   AFKERN_GPU_TEST_ONLY (a regex: only the list's entries that match it, e.g. to finish in a second call),
 #   AFKERN_GPU_NS (1,2,4,8,16,32,64), AFKERN_GPU_TOKENS (4096), AFKERN_GPU_LAYERS (12),
 #   AFKERN_GPU_PROVIDERS (plain,plain_layer,reference,adapters,torch,triton,cuda),
 #   AFKERN_GPU_BENCH_ARGS (appended to every afkern-bench call), AFKERN_GPU_TAG (a suffix of the
 #   results folder, gpu-<part><tag>: a part split over two calls must not overwrite its first half),
+#   AFKERN_GPU_TUNE_NS (16,1,64), AFKERN_GPU_TUNE_DTYPES (bfloat16,float16,float32),
 #   AFKERN_GPU_HUB (auto: the AdapterHub stack of .whl/hub when present; 0: never; 1: required),
-#   AFKERN_GPU_DRY=1 (the dry run on a CPU: tiny sizes, device cpu, results under out/gpu-dry/),
+#   AFKERN_GPU_DRY=1 (the dry run on a CPU: every stage's code path at tiny sizes, device cpu, the
+#   tests collected and each entry's first test run in the Triton interpreter, results under
+#   out/gpu-dry/; AFKERN_GPU_DRY_TESTS=full runs the entries whole),
 #   AFKERN_GPU_SLUG (the device's results folder name; default: asked of torch -- set it to run
 #   `report` on this machine over a GPU's results), MAX_JOBS (16; the extension build).
 set -uo pipefail
@@ -56,7 +69,8 @@ cd "$ROOT"
 PY="${PYTHON:-python3}"
 DRY="${AFKERN_GPU_DRY:-0}"
 T0=$(date +%s)
-DEADLINE=$(( T0 + ${AFKERN_GPU_DEADLINE_S:-540} ))
+DEADLINE=0  # set once the stages are known (call1 / call2 have their own default)
+STAGE_END=0
 RESERVE="${AFKERN_GPU_RESERVE_S:-25}"
 
 if [ "$DRY" = "1" ]; then
@@ -92,7 +106,11 @@ now() { date +%s; }
 left() { echo $(( DEADLINE - $(now) )); }
 log() { echo "[gpu_validate +$(( $(now) - T0 ))s] $*"; }
 record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >> "$STAGES_TSV"; [ "$2" = ok ] || [ "$2" = skipped ] || OVERALL=1; }
-budget() { local cap=$1 l; l=$(( $(left) - RESERVE )); echo $(( l < cap ? l : cap )); }
+budget() {  # seconds a step may take: at most CAP, within the deadline (less the packing reserve) and the stage's cap
+    local cap=$1 l s; l=$(( $(left) - RESERVE )); s=$(( STAGE_END - $(now) ))
+    [ "$STAGE_END" -gt 0 ] && [ "$s" -lt "$l" ] && l=$s
+    echo $(( l < cap ? l : cap ))
+}
 safepy() { env PYTHONPATH="${PYTHONPATH:-}" PYTHONSAFEPATH=1 "$@"; }  # never the source tree's afkern/ (no kernels, no _C)
 
 usage() { sed -n '2,/^set -uo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
@@ -155,7 +173,7 @@ ensure_afkern() {
     fi
     so="$(carried_so)"
     if [ "${1:-}" = build ]; then want_build=1
-    elif [ -z "$so" ] && [ "$DRY" != 1 ] && [ -n "$(torch_cuda)" ]; then
+    elif [ -z "$so" ] && [ "$DRY" != 1 ] && [ -n "$(torch_cuda)" ] && [ "${AFKERN_GPU_AUTOBUILD:-1}" = 1 ]; then
         log "no carried extension ($CARRY/ext): building it now (carry .gpu next time)"; want_build=1
     fi
     if [ $want_build = 1 ] && [ -z "$(torch_cuda)" ]; then
@@ -232,11 +250,47 @@ run_stage() {  # run_stage NAME FUNCTION: time it, record its result
     if [ "$(left)" -le "$(( RESERVE + 15 ))" ]; then
         record "$name" skipped 0 "deadline: $(left) s left"; log "stage $name skipped: deadline"; return 0
     fi
-    echo; log "==== stage $name ($(left) s left)"
+    local cap; cap="$(stage_cap "$name")"
     t1=$(now)
+    STAGE_END=$(( t1 + cap ))
+    echo; log "==== stage $name ($(left) s left; cap $cap s)"
     NOTE=""
     "$fn"; rc=$?
+    STAGE_END=0
     record "$name" "$( [ $rc = 0 ] && echo ok || echo "FAILED" )" "$(( $(now) - t1 ))" "$NOTE"
+    snapshot
+}
+
+stage_cap() {  # the most seconds stage $1 may take (AFKERN_GPU_CAP_<STAGE> overrides; 100000: the rest)
+    local var="AFKERN_GPU_CAP_$(echo "$1" | tr 'a-z-' 'A-Z_')" d
+    case "$1" in build) d=160 ;; tests) d=190 ;; ceilings) d=30 ;; autotune) d=210 ;; *) d=100000 ;; esac
+    echo "${!var:-$d}"
+}
+
+# summary.txt under $OUT now: the stages' tables so far, the test entries finished so far, the stage
+# table. Called after every test entry and every stage, so that a call killed at its timeout_s
+# still returns a summary (pack() writes the final one and the archives).
+stage_summaries() {  # every table of the stages run so far
+    local s f
+    for s in "${RAN[@]}"; do
+        f="$LOGS/summary_${s#bench-}.txt"
+        case "$s" in quick|bench-*) f="$LOGS/summary_${s#bench-}${AFKERN_GPU_TAG:-}.txt" ;; esac
+        [ -f "$f" ] && { echo; cat "$f"; }
+    done
+}
+
+snapshot() {
+    {
+        echo "(snapshot at +$(( $(now) - T0 )) s; a call that ended cleanly has the '==== packed' line in its output)"
+        stage_summaries
+        if [ -s "$LOGS/tests_status.tsv" ] && [ ! -f "$LOGS/summary_tests.txt" ]; then
+            echo; echo "kernel tests so far:"
+            "$PY" "$ROOT/scripts/gpu_tools.py" tests-summary "$LOGS/tests_status.tsv" "$LOGS/junit"
+        fi
+        echo; echo "stages so far:"
+        "$PY" "$ROOT/scripts/gpu_tools.py" stages "$STAGES_TSV"
+    } > "$OUTDIR/summary.tmp.$BASHPID" 2>&1
+    mv -f "$OUTDIR/summary.tmp.$BASHPID" "$OUTDIR/summary.txt"
 }
 
 # ------------------------------------------------------------------------------------------ stages
@@ -270,15 +324,44 @@ st_build() {
     return 1
 }
 
+# One entry of the test list in its own process (run in the background by st_tests): writes its
+# status line (entry, result, seconds, JUnit XML) and refreshes summary.txt.
+run_entry() {  # run_entry ENTRY SAFE TIMEOUT NENV ENV... PYTEST-ARGS...
+    local m=$1 safe=$2 tmo=$3 nenv=$4 t1 rc st first e; shift 4
+    local -a envs=("${@:1:$nenv}"); shift "$nenv"
+    local -a args=("$@") run=("$m") par=()
+    local -a penv=("${common_env[@]}" "${envs[@]}" PYTHONPATH="$PYTHONPATH" PYTHONSAFEPATH=1)
+    t1=$(now)
+    for e in "${envs[@]}"; do  # XDIST=N: the entry's tests over N processes, where pytest-xdist is installed
+        [[ "$e" == XDIST=* ]] && [ "${e#XDIST=}" -gt 1 ] && "$PY" -c "import xdist" 2>/dev/null && par=(-n "${e#XDIST=}")
+    done
+    if [ "$DRY" = 1 ] && [ "${AFKERN_GPU_DRY_TESTS:-first}" != full ]; then  # the dry run: collect, run the first test
+        first="$(env "${penv[@]}" "$PY" -m pytest -q --collect-only -p no:cacheprovider -o addopts="" "$m" "${args[@]}" \
+                 2>"$LOGS/tests_$safe.collect.err" < /dev/null | grep -m1 '::')"
+        [ -n "$first" ] && run=("$first")
+        par=()
+    fi
+    env "${penv[@]}" timeout -s INT -k 15 "$tmo" "$PY" -m pytest -q -rfEs -p no:cacheprovider -o addopts="" \
+        --junitxml="$LOGS/junit/$safe.xml" "${par[@]}" "${run[@]}" "${args[@]}" > "$LOGS/tests_$safe.log" 2>&1 < /dev/null
+    rc=$?
+    case $rc in 0) st=ok ;; 5) st="ok (none ran)" ;; 124) st=TIMEOUT ;; *) st="FAILED (rc $rc)" ;; esac
+    [ "${run[0]}" != "$m" ] && st="$st (dry: ${run[0]#"$m"})"
+    printf '%s\t%s\t%s\t%s\n' "$m${args[*]:+ ${args[*]}}" "$st" "$(( $(now) - t1 ))" "$LOGS/junit/$safe.xml" >> "$LOGS/tests_status.tsv"
+    log "tests: $m${args[*]:+ ${args[*]}}: $st in $(( $(now) - t1 )) s -- $(tail -n1 "$LOGS/tests_$safe.log")"
+    snapshot
+}
+
 st_tests() {
     env_header
     ensure_afkern || return 1
-    local list="${AFKERN_GPU_TESTS:-scripts/gpu_tests.txt}" status="$LOGS/tests_status.tsv" junit="$LOGS/junit"
-    local line target file safe t1 rc st tmo m m2 matches envs args
-    mkdir -p "$junit"; : > "$status"
+    local list="${AFKERN_GPU_TESTS:-scripts/gpu_tests.txt}" status="$LOGS/tests_status.tsv"
+    local line target file safe rc tmo m m2 matches envs args jobs
+    jobs="${AFKERN_GPU_TEST_JOBS:-4}"; [ "$DRY" = 1 ] && jobs="${AFKERN_GPU_TEST_JOBS:-1}"
+    mkdir -p "$LOGS/junit"; : > "$status"
     [ -f "$list" ] || { log "FAILED: no test list $list"; return 1; }
-    local -a common_env=(AFKERN_TEST_GPU=1 AFKERN_EXPECT_EXTENSION=1)
-    [ "$DRY" = 1 ] && common_env=(TRITON_INTERPRET=1)
+    common_env=(AFKERN_TEST_GPU=1 AFKERN_EXPECT_EXTENSION=1)
+    [ "$DRY" = 1 ] && common_env=(TRITON_INTERPRET=1 AFKERN_GPU_DRY=1)
+    log "tests: $jobs entries at a time (one GPU; the Triton compiles are per process, on the CPU cores)"
     while IFS= read -r line || [ -n "$line" ]; do
         line="${line%%#*}"; [ -z "${line//[[:space:]]/}" ] && continue
         eval "set -- $line"
@@ -295,24 +378,20 @@ st_tests() {
         fi
         for m in "${matches[@]}"; do
             safe="$(echo "$m ${args[*]:-}" | tr -c 'A-Za-z0-9_.-' '_' | cut -c1-80)"
-            tmo="${AFKERN_GPU_TEST_TIMEOUT:-240}"
+            tmo="${AFKERN_GPU_TEST_TIMEOUT:-200}"
             for m2 in "${envs[@]}"; do [[ "$m2" == AFKERN_GPU_TEST_TIMEOUT=* ]] && tmo="${m2#*=}"; done
+            while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do wait -n; done  # a free slot
             tmo=$(budget "$tmo")
             if [ "$tmo" -lt 20 ]; then
                 printf '%s\tSKIPPED (deadline)\t0\t\n' "$m" >> "$status"; log "tests: $m: skipped (deadline)"; continue
             fi
-            t1=$(now)
-            env "${common_env[@]}" "${envs[@]}" PYTHONPATH="$PYTHONPATH" PYTHONSAFEPATH=1 \
-                timeout -s INT -k 15 "$tmo" "$PY" -m pytest -q -rfEs -p no:cacheprovider -o addopts="" \
-                --junitxml="$junit/$safe.xml" "$m" "${args[@]}" > "$LOGS/tests_$safe.log" 2>&1
-            rc=$?
-            case $rc in 0) st=ok ;; 5) st="ok (none ran)" ;; 124) st=TIMEOUT ;; *) st="FAILED (rc $rc)" ;; esac
-            printf '%s\t%s\t%s\t%s\n' "$m${args[*]:+ ${args[*]}}" "$st" "$(( $(now) - t1 ))" "$junit/$safe.xml" >> "$status"
-            log "tests: $m${args[*]:+ ${args[*]}}: $st in $(( $(now) - t1 )) s -- $(tail -n1 "$LOGS/tests_$safe.log")"
+            run_entry "$m" "$safe" "$tmo" "${#envs[@]}" "${envs[@]}" "${args[@]}" &
         done
     done < "$list"
-    echo "kernel tests (list: $list; logs: tests_*.log):" > "$LOGS/summary_tests.txt"
-    "$PY" "$ROOT/scripts/gpu_tools.py" tests-summary "$status" "$junit" >> "$LOGS/summary_tests.txt"; rc=$?
+    wait
+    echo "kernel tests (list: $list; logs: tests_*.log):" > "$LOGS/summary_tests.tmp"
+    "$PY" "$ROOT/scripts/gpu_tools.py" tests-summary "$status" "$LOGS/junit" >> "$LOGS/summary_tests.tmp"; rc=$?
+    mv "$LOGS/summary_tests.tmp" "$LOGS/summary_tests.txt"
     cat "$LOGS/summary_tests.txt"
     NOTE="$(tail -n1 "$LOGS/summary_tests.txt" | awk -F'|' '{gsub(/ /,"",$4); gsub(/ /,"",$5); gsub(/ /,"",$6); print $4" passed, "$5" failed, "$6" errors"}')"
     return $rc
@@ -345,9 +424,9 @@ run_bench() {  # run_bench PART CAP ARGS... (results: $RESULTS_ROOT/gpu-PART$AFK
     ensure_slug
     [ -f "$RESULTS_ROOT/gpu-ceilings/$SLUG/ceilings.json" ] || { log "no ceilings for $SLUG yet: measuring them first"; st_ceilings; }
     hub_env || return 1
-    local providers="${AFKERN_GPU_PROVIDERS:-plain,plain_layer,reference,adapters,torch,triton,cuda}" b rc
+    local providers="${AFKERN_GPU_PROVIDERS:-${PART_PROVIDERS:-plain,plain_layer,reference,adapters,torch,triton,cuda}}" b rc
     # dry run: the Triton interpreter takes seconds a call (the tests' dry run covers the triton backend)
-    [ "$DRY" = 1 ] && providers="${AFKERN_GPU_PROVIDERS:-plain,plain_layer,reference,adapters,torch,cuda}"
+    [ "$DRY" = 1 ] && providers="${providers//,triton/}"
     local -a extra_env=()
     [ "$DRY" = 1 ] && extra_env=(TRITON_INTERPRET=1)
     b=$(budget "$cap")
@@ -374,7 +453,8 @@ if [ "$DRY" = 1 ]; then NS="${AFKERN_GPU_NS:-1,2}"; TOK="${AFKERN_GPU_TOKENS:-64
 QUICK_NS="1,16,64"; QUICK_MN=16; QUICK_REP=(--repeats 5)
 [ "$DRY" = 1 ] && { QUICK_NS="1,2"; QUICK_MN=2; QUICK_REP=(); }
 
-st_quick() { run_bench quick 330 --n-adapters "$QUICK_NS" --tokens "$TOK" --modes forward,full --model-n-adapters "$QUICK_MN" \
+# call 1's benchmark leaves out the naive reference provider (the float64 guard checks every provider anyway)
+st_quick() { PART_PROVIDERS=plain,plain_layer,adapters,torch,triton,cuda run_bench quick 330 --n-adapters "$QUICK_NS" --tokens "$TOK" --modes forward,full --model-n-adapters "$QUICK_MN" \
                  --model-tokens "$TOK" --layers "$LAY" "${QUICK_REP[@]}"; }
 st_bench_block() { run_bench block 480 --no-model --n-adapters "$NS" --tokens "$TOK"; }
 st_bench_infer() { run_bench infer 480 --no-block --model-n-adapters "$NS" --model-tokens "$TOK" --layers "$LAY" --model-modes inference; }
@@ -386,13 +466,29 @@ st_autotune() {
     local b dry="" rc; [ "$DRY" = 1 ] && dry="--dry"
     b=$(budget 330)
     env AFKERN_TUNED_CONFIGS=off PYTHONPATH="$PYTHONPATH" timeout -s INT -k 15 "$b" "$PY" "$ROOT/scripts/gpu_autotune.py" \
-        --out-root "$RESULTS_ROOT/gpu-autotune" --tuned-file "$TUNED_FILE" --budget-s $(( b > 120 ? b - 90 : b / 2 )) $dry \
+        --out-root "$RESULTS_ROOT/gpu-autotune" --tuned-file "$TUNED_FILE" --budget-s $(( b > 120 ? b - 60 : b / 2 )) $dry \
+        --n-adapters "${AFKERN_GPU_TUNE_NS:-16,1,64}" --dtypes "${AFKERN_GPU_TUNE_DTYPES:-bfloat16,float16,float32}" \
         > "$LOGS/autotune.log" 2>&1
     rc=$?
     sed -n '/^autotune on /,$p' "$LOGS/autotune.log" > "$LOGS/summary_autotune.txt"
     [ -s "$LOGS/summary_autotune.txt" ] || tail -n 25 "$LOGS/autotune.log" > "$LOGS/summary_autotune.txt"
     cat "$LOGS/summary_autotune.txt"
     NOTE="$(grep -o '[0-9]* winners' "$LOGS/autotune.log" | head -n1); reading side $(grep -o 'reading side: [a-zA-Z]*' "$LOGS/autotune.log" | awk '{print $3}')"
+    return $rc
+}
+
+st_graphs() {
+    env_header
+    ensure_afkern || return 1
+    local b dry="" rc; [ "$DRY" = 1 ] && dry="--dry"
+    b=$(budget 300)
+    safepy timeout -s INT -k 15 "$b" "$PY" "$ROOT/scripts/gpu_graphs.py" --out-root "$RESULTS_ROOT/gpu-graphs" \
+        --budget-s $(( b > 60 ? b - 20 : b / 2 )) $dry > "$LOGS/graphs.log" 2>&1
+    rc=$?
+    sed -n '/^decode step under CUDA graphs/,$p' "$LOGS/graphs.log" > "$LOGS/summary_graphs.txt"
+    [ -s "$LOGS/summary_graphs.txt" ] || tail -n 25 "$LOGS/graphs.log" > "$LOGS/summary_graphs.txt"
+    cat "$LOGS/summary_graphs.txt"
+    NOTE="$(grep -m1 '^captured:' "$LOGS/graphs.log")"
     return $rc
 }
 
@@ -409,11 +505,7 @@ pack() {
     local f paths=() sz
     ensure_slug
     {
-        for s in "${RAN[@]}"; do
-            f="$LOGS/summary_${s#bench-}.txt"
-            case "$s" in quick|bench-*) f="$LOGS/summary_${s#bench-}${AFKERN_GPU_TAG:-}.txt" ;; esac
-            [ -f "$f" ] && { echo; cat "$f"; }
-        done
+        stage_summaries
         echo
         echo "stages ($(( $(now) - T0 )) s in all; device: ${SLUG}; results: $RESULTS_ROOT/gpu-*/$SLUG):"
         "$PY" "$ROOT/scripts/gpu_tools.py" stages "$STAGES_TSV"
@@ -449,14 +541,26 @@ pack() {
 }
 
 # ------------------------------------------------------------------------------------------ main
+CALL1=(build tests ceilings quick)
+CALL2=(autotune graphs)
+CALL1_DEADLINE=470 CALL2_DEADLINE=330  # seconds; the device-tool calls' timeout_s are 500 and 360
 ARGS=("$@"); [ ${#ARGS[@]} = 0 ] && ARGS=(build tests)
 STAGES=()
+DEFAULT_DEADLINE=540
 for a in "${ARGS[@]}"; do
     case "$a" in
+        call1) STAGES+=("${CALL1[@]}"); DEFAULT_DEADLINE=$CALL1_DEADLINE ;;
+        call2) STAGES+=("${CALL2[@]}"); DEFAULT_DEADLINE=$CALL2_DEADLINE
+               export AFKERN_GPU_AUTOBUILD="${AFKERN_GPU_AUTOBUILD:-0}" ;;  # the carried .gpu/ext or none: no 2-min build
+        plan)  # what the two calls run, for tests/test_gpu_plan.py and the runbook; no work
+            echo "call1: ${CALL1[*]}"; echo "call2: ${CALL2[*]}"
+            for s in "${CALL1[@]}" "${CALL2[@]}"; do echo "cap $s $(stage_cap "$s")"; done
+            echo "deadline call1 $CALL1_DEADLINE"; echo "deadline call2 $CALL2_DEADLINE"
+            exit 0 ;;
         day1) STAGES+=(build tests) ;;
         full) STAGES+=(bench-block bench-infer bench-train) ;;
-        all) STAGES+=(build tests ceilings quick autotune bench-block bench-infer bench-train) ;;
-        build|tests|ceilings|quick|autotune|bench-block|bench-infer|bench-train|report) STAGES+=("$a") ;;
+        all) STAGES+=("${CALL1[@]}" "${CALL2[@]}" bench-block bench-infer bench-train) ;;
+        build|tests|ceilings|quick|autotune|graphs|bench-block|bench-infer|bench-train|report) STAGES+=("$a") ;;
         -h|--help|help) usage; exit 0 ;;
         *) echo "gpu_validate: unknown stage '$a'"; usage; exit 2 ;;
     esac
@@ -464,12 +568,13 @@ done
 if [ "$DRY" != 1 ] && ! gpu_present; then
     for s in "${STAGES[@]}"; do [ "$s" = report ] || { echo "gpu_validate: no CUDA device here (AFKERN_GPU_DRY=1 for the CPU dry run)"; exit 2; }; done
 fi
+DEADLINE=$(( T0 + ${AFKERN_GPU_DEADLINE_S:-$DEFAULT_DEADLINE} ))
 rm -rf "$LOGS"
 mkdir -p "$LOGS" "$OUTDIR" "$ROOT/$CARRY/ext" "$TRITON_CACHE_DIR"
 : > "$STAGES_TSV"
 log "stages: ${STAGES[*]}; deadline in $(left) s; dry=$DRY; python $PY; out $OUTDIR"
 RAN=()
-trap 'echo; log "interrupted"; record interrupted FAILED 0 "signal"; pack; exit 130' INT TERM
+trap 'echo; log "interrupted"; record interrupted FAILED 0 "signal"; wait; pack; exit 130' INT TERM
 for s in "${STAGES[@]}"; do
     RAN+=("$s")
     run_stage "$s" "st_${s//-/_}"

@@ -204,6 +204,23 @@ def read_records(path: str) -> List[dict]:
 
 
 # ----------------------------------------------------------------------------------- columns and labels
+def read_texts(rows: List[dict], locs: List[str], text_col: str, pair_col: Optional[str]):
+    """(texts, pairs or None) of ``rows``: every row's non-empty ``text_col`` and, when ``pair_col``
+    is given, its text ``pair_col``; DataError naming the row's file and line."""
+    text, pair = [], [] if pair_col is not None else None
+    for r, loc in zip(rows, locs):
+        t = r.get(text_col)
+        if not isinstance(t, str) or not t.strip():
+            raise DataError(f"{loc}: empty or non-text {text_col!r} ({t!r})")
+        text.append(t)
+        if pair is not None:
+            p = r.get(pair_col)
+            if not isinstance(p, str):
+                raise DataError(f"{loc}: non-text {pair_col!r} ({p!r})")
+            pair.append(p)
+    return text, pair
+
+
 def _columns(rows: List[dict], locs: List[str], where: str, text_col: str, pair_col: Optional[str], label_col: str):
     present = set(rows[0])
     need = [text_col, label_col]
@@ -212,18 +229,9 @@ def _columns(rows: List[dict], locs: List[str], where: str, text_col: str, pair_
         flags = " / ".join(f for c, f in ((text_col, "--text-column"), (label_col, "--label-column")) if c in missing)
         raise DataError(f"{where}: missing column(s) {missing}; expected columns {need} (and optionally {pair_col!r}), "
                         f"found {sorted(map(str, present))}; if the data uses other names, pass {flags} NAME")
-    use_pair = pair_col is not None and pair_col in present
-    text, pair, labels = [], [] if use_pair else None, []
+    text, pair = read_texts(rows, locs, text_col, pair_col if pair_col in present else None)
+    labels = []
     for r, loc in zip(rows, locs):
-        t = r.get(text_col)
-        if not isinstance(t, str) or not t.strip():
-            raise DataError(f"{loc}: empty or non-text {text_col!r} ({t!r})")
-        text.append(t)
-        if use_pair:
-            p = r.get(pair_col)
-            if not isinstance(p, str):
-                raise DataError(f"{loc}: non-text {pair_col!r} ({p!r})")
-            pair.append(p)
         lab = r.get(label_col)
         if lab is None or (isinstance(lab, str) and not lab.strip()):
             raise DataError(f"{loc}: no {label_col!r}")

@@ -28,7 +28,7 @@ from .. import fused_blocks, load_adapterhub, route
 from .._io import atomic_write_bytes
 from ..adapterhub import ADAPTER_WEIGHTS, _read_tensors, _weights_file
 from .batches import Encoded
-from .data import read_table
+from .data import read_table, read_texts
 from .errors import DataError, TrainError
 from .heads import HEAD_CONFIG, load_head
 from .metrics import ADAPTER_METRICS, FUSION_METRICS, read_metrics
@@ -240,18 +240,9 @@ def read_inputs(path: str, tasks: Sequence[str], text_column: str = "text", pair
     if len(tasks) > 1 and task_column not in cols:
         raise DataError(f"{path}: several tasks {list(tasks)} but no {task_column!r} column naming each row's task "
                         "(pass --task-column NAME, or predict one task at a time)")
-    use_pair = pair_column is not None and pair_column in cols
-    texts, pairs, row_tasks = [], [] if use_pair else None, []
+    texts, pairs = read_texts(rows, locs, text_column, pair_column if pair_column in cols else None)
+    row_tasks = []
     for r, loc in zip(rows, locs):
-        t = r.get(text_column)
-        if not isinstance(t, str) or not t.strip():
-            raise DataError(f"{loc}: empty or non-text {text_column!r} ({t!r})")
-        texts.append(t)
-        if use_pair:
-            p = r.get(pair_column)
-            if not isinstance(p, str):
-                raise DataError(f"{loc}: non-text {pair_column!r} ({p!r})")
-            pairs.append(p)
         task = r.get(task_column, tasks[0] if len(tasks) == 1 else None)
         if task not in tasks:
             raise DataError(f"{loc}: task {task!r} is not one of the tasks asked for ({list(tasks)})")
