@@ -148,3 +148,19 @@ def test_output_is_written_atomically(run_dir, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         T.predict(run_dir["out"], "topic", ["a text"], out=str(dst), backend="torch")
     assert dst.read_text() == "earlier\n" and os.listdir(tmp_path) == ["pred.jsonl"]
+
+
+def test_concurrent_predictions_do_not_mix(run_dir):
+    """One Predictor called from two threads at once (the route is per call): each thread gets what
+    it gets alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rows = run_dir["rows"]
+    pred = Predictor(run_dir["out"], TASKS, dtype=torch.float64, batch_size=3, backend="torch")
+    jobs = [([r["text"] for r in rows], [r["task"] for r in rows]),
+            ([r["text"] for r in rows[::-1]], ["routing"] * len(rows))]
+    alone = [pred.predict(*j) for j in jobs]
+    with ThreadPoolExecutor(2) as ex:
+        for _ in range(3):
+            got = list(ex.map(lambda j: pred.predict(*j), jobs))
+            assert got == alone

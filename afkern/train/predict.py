@@ -19,6 +19,7 @@ import csv
 import io
 import json
 import os
+import threading
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Union
 
@@ -158,6 +159,7 @@ class Predictor:
             for h in self.heads.values():
                 h.to(dtype)
         self.tokenizer = load_tokenizer(self.model_dir)
+        self._tokenizer_lock = threading.Lock()  # a fast tokenizer is not reentrant ("Already borrowed")
         self.max_length = {t: int(max_length or (f.run.get("settings") or {}).get("max_length") or DEFAULT_MAX_LENGTH)
                            for t, f in self.files.items()}
 
@@ -193,8 +195,9 @@ class Predictor:
         tts: List[Optional[List[int]]] = [None] * len(texts)
         for t in set(tasks):  # tokenised as the task was trained (its --max-length)
             rows = [i for i, x in enumerate(tasks) if x == t]
-            enc = Encoded(self.tokenizer, [texts[i] for i in rows], None if pairs is None else [pairs[i] for i in rows],
-                          [0] * len(rows), self.max_length[t])
+            with self._tokenizer_lock:
+                enc = Encoded(self.tokenizer, [texts[i] for i in rows], None if pairs is None else [pairs[i] for i in rows],
+                              [0] * len(rows), self.max_length[t])
             for j, i in enumerate(rows):
                 ids[i] = enc.input_ids[j]
                 tts[i] = None if enc.token_type_ids is None else enc.token_type_ids[j]
