@@ -11,7 +11,8 @@
 # Stages (each installs what it needs, so each works alone on a fresh machine; [cap] = the most
 # seconds a stage may take, AFKERN_GPU_CAP_<STAGE> overrides it; every stage also ends at the deadline):
 #   build        build afkern's CUDA extension against this machine's torch; keep it for call 2
-#                (.gpu/ext/, packed into carry.tar.gz)                                   [160 s]
+#                (.gpu/ext/, packed into carry.tar.gz); the test entries marked EARLY=1 (they
+#                need no extension) start before it and run during it                   [160 s]
 #   tests        the kernel tests on the GPU: every entry of scripts/gpu_tests.txt, each its own
 #                process, AFKERN_GPU_TEST_JOBS (4) at a time, AFKERN_TEST_GPU=1 (Triton compiled),
 #                AFKERN_EXPECT_EXTENSION=1 (XDIST=N before an entry: its tests over N processes where
@@ -160,20 +161,33 @@ torch_cuda() { "$PY" -c "import torch; print(torch.version.cuda or '')" 2>/dev/n
 gpu_present() { "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; }
 carried_so() { ls "$ROOT/$CARRY"/ext/_C*.so 2>/dev/null | head -n1; }
 
-# Install afkern (and the extension) into $SITE/pkgs, outside the source tree. $1 = build: build
-# the extension now; else use the carried one (.gpu/ext), or build it if none is carried.
+# Install afkern into $SITE/pkgs, outside the source tree, with the carried extension (.gpu/ext) if
+# any. $1 = build: then build the extension (into $SITE/build, so that processes running from
+# $SITE/pkgs meanwhile are undisturbed) and copy it into $SITE/pkgs and .gpu/ext; $1 = noext: never
+# build now; else build it only if none is carried (AFKERN_GPU_AUTOBUILD=1).
 BUILD_NOTE=""
 ensure_afkern() {
     local want_build=0 so rc t1
     [ -n "$READY" ] && [ "${1:-}" != build ] && return 0
-    rm -rf "$SITE/pkgs"; mkdir -p "$SITE/pkgs"
-    if compgen -G "$ROOT/.whl/*.whl" >/dev/null; then  # extra wheels for the main environment, if any
-        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE/deps" \
-            "$ROOT"/.whl/*.whl > "$LOGS/wheels.log" 2>&1 || log "WARNING: .whl/*.whl did not install (wheels.log)"
+    if [ -z "$READY" ]; then
+        rm -rf "$SITE/pkgs"; mkdir -p "$SITE/pkgs"
+        if compgen -G "$ROOT/.whl/*.whl" >/dev/null; then  # extra wheels for the main environment, if any
+            "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE/deps" \
+                "$ROOT"/.whl/*.whl > "$LOGS/wheels.log" 2>&1 || log "WARNING: .whl/*.whl did not install (wheels.log)"
+        fi
+        AFKERN_SKIP_CUDA_BUILD=1 "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile \
+            --no-warn-script-location --target "$SITE/pkgs" . > "$LOGS/install.log" 2>&1 \
+            || { log "FAILED: pip install of afkern (install.log)"; tail -n 20 "$LOGS/install.log"; return 1; }
+        so="$(carried_so)"
+        [ -n "$so" ] && cp "$so" "$SITE/pkgs/afkern/"
+        export PYTHONPATH="$SITE/pkgs"
+        if [ -d "$SITE/deps" ]; then export PYTHONPATH="$PYTHONPATH:$SITE/deps"; fi
+        READY=1
     fi
     so="$(carried_so)"
     if [ "${1:-}" = build ]; then want_build=1
-    elif [ -z "$so" ] && [ "$DRY" != 1 ] && [ -n "$(torch_cuda)" ] && [ "${AFKERN_GPU_AUTOBUILD:-1}" = 1 ]; then
+    elif [ -z "$so" ] && [ "${1:-}" != noext ] && [ "$DRY" != 1 ] && [ -n "$(torch_cuda)" ] \
+         && [ "${AFKERN_GPU_AUTOBUILD:-1}" = 1 ]; then
         log "no carried extension ($CARRY/ext): building it now (carry .gpu next time)"; want_build=1
     fi
     if [ $want_build = 1 ] && [ -z "$(torch_cuda)" ]; then
@@ -185,32 +199,24 @@ ensure_afkern() {
     fi
     if [ $want_build = 1 ]; then
         t1=$(now)
+        rm -rf "$SITE/build"
         log "building afkern._C (MAX_JOBS=$MAX_JOBS, CUDA_HOME=$CUDA_HOME; log: build.log)"
         AFKERN_FORCE_CUDA_BUILD=1 AFKERN_PTXAS_VERBOSE=1 timeout -k 10 "$(budget 420)" "$PY" -m pip install -v \
-            --no-index --no-deps --no-build-isolation --no-compile --no-warn-script-location --target "$SITE/pkgs" . \
+            --no-index --no-deps --no-build-isolation --no-compile --no-warn-script-location --target "$SITE/build" . \
             > "$LOGS/build.log" 2>&1
         rc=$?
-        if [ $rc = 0 ]; then
-            rm -f "$ROOT/$CARRY"/ext/_C*.so
-            cp "$SITE"/pkgs/afkern/_C*.so "$ROOT/$CARRY/ext/" && BUILD_NOTE="ok in $(( $(now) - t1 )) s"
+        if [ $rc = 0 ] && compgen -G "$SITE/build/afkern/_C*.so" >/dev/null; then
+            rm -f "$ROOT/$CARRY"/ext/_C*.so "$SITE"/pkgs/afkern/_C*.so
+            cp "$SITE"/build/afkern/_C*.so "$ROOT/$CARRY/ext/" && cp "$SITE"/build/afkern/_C*.so "$SITE/pkgs/afkern/" \
+                && BUILD_NOTE="ok in $(( $(now) - t1 )) s"
         else
             BUILD_NOTE="FAILED (rc $rc) after $(( $(now) - t1 )) s: see build.log"
             tail -n 25 "$LOGS/build.log"
         fi
         log "build: $BUILD_NOTE"
     fi
-    if [ ! -d "$SITE/pkgs/afkern" ]; then
-        AFKERN_SKIP_CUDA_BUILD=1 "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile \
-            --no-warn-script-location --target "$SITE/pkgs" . > "$LOGS/install.log" 2>&1 \
-            || { log "FAILED: pip install of afkern (install.log)"; tail -n 20 "$LOGS/install.log"; return 1; }
-        so="$(carried_so)"
-        [ -n "$so" ] && cp "$so" "$SITE/pkgs/afkern/"
-    fi
-    export PYTHONPATH="$SITE/pkgs"
-    if [ -d "$SITE/deps" ]; then export PYTHONPATH="$PYTHONPATH:$SITE/deps"; fi
     EXT_STATUS="$(safepy "$PY" -c 'import afkern.backends.cuda_ops as c; print(c.extension_status())' 2>&1 | tail -n1)"
     log "afkern from $SITE/pkgs; extension: $EXT_STATUS"
-    READY=1
 }
 
 ensure_slug() {
@@ -296,9 +302,12 @@ snapshot() {
 # ------------------------------------------------------------------------------------------ stages
 st_build() {
     env_header
+    ensure_afkern noext || return 1
+    # the test entries marked EARLY=1 (no extension needed) start now and run during the build
+    [[ " ${STAGES[*]} " == *" tests "* ]] && { mkdir -p "$LOGS/junit"; : > "$LOGS/tests_status.tsv"; launch_entries early; }
     ensure_afkern build || return 1
     local so size elfs regs spills
-    so="$(ls "$SITE"/pkgs/afkern/_C*.so 2>/dev/null | head -n1)"
+    so="$(ls "$SITE"/build/afkern/_C*.so 2>/dev/null | head -n1)"
     size="-"; elfs="-"; regs="-"; spills="-"
     if [ -n "$so" ]; then
         size="$(( $(stat -c %s "$so") / 1024 )) KiB"
@@ -351,24 +360,30 @@ run_entry() {  # run_entry ENTRY SAFE TIMEOUT NENV ENV... PYTEST-ARGS...
     snapshot
 }
 
-st_tests() {
-    env_header
-    ensure_afkern || return 1
-    local list="${AFKERN_GPU_TESTS:-scripts/gpu_tests.txt}" status="$LOGS/tests_status.tsv"
-    local line target file safe rc tmo m m2 matches envs args jobs
+# Start the entries of the test list in the background, AFKERN_GPU_TEST_JOBS at a time: WHICH =
+# early (only those marked EARLY=1: they need no extension, and start during the build), rest (the
+# others, plus the early ones when no build stage started them), in the list's order.
+EARLY_STARTED=""
+launch_entries() {
+    local which=$1 list="${AFKERN_GPU_TESTS:-scripts/gpu_tests.txt}" status="$LOGS/tests_status.tsv"
+    local line target file safe tmo m m2 matches envs args jobs early
+    [ -f "$list" ] || return 0  # st_tests reports a missing list
     jobs="${AFKERN_GPU_TEST_JOBS:-4}"; [ "$DRY" = 1 ] && jobs="${AFKERN_GPU_TEST_JOBS:-1}"
-    mkdir -p "$LOGS/junit"; : > "$status"
-    [ -f "$list" ] || { log "FAILED: no test list $list"; return 1; }
     common_env=(AFKERN_TEST_GPU=1 AFKERN_EXPECT_EXTENSION=1)
     [ "$DRY" = 1 ] && common_env=(TRITON_INTERPRET=1 AFKERN_GPU_DRY=1)
-    log "tests: $jobs entries at a time (one GPU; the Triton compiles are per process, on the CPU cores)"
+    # an early entry's time limit runs to the end of the tests stage, not of the build stage
+    [ "$which" = early ] && local STAGE_END=$(( $(now) + $(stage_cap build) + $(stage_cap tests) ))
+    log "tests ($which): $jobs entries at a time (one GPU; the Triton compiles are per process, on the CPU cores)"
     while IFS= read -r line || [ -n "$line" ]; do
         line="${line%%#*}"; [ -z "${line//[[:space:]]/}" ] && continue
         eval "set -- $line"
-        envs=(); while [ $# -gt 0 ] && [[ "$1" =~ ^[A-Za-z_][A-Za-z0-9_]*= ]]; do envs+=("$1"); shift; done
+        envs=(); early=0
+        while [ $# -gt 0 ] && [[ "$1" =~ ^[A-Za-z_][A-Za-z0-9_]*= ]]; do envs+=("$1"); [ "$1" = EARLY=1 ] && early=1; shift; done
         target="$1"; shift; args=("$@")
         file="${target%%::*}"
         if [ -n "${AFKERN_GPU_TEST_ONLY:-}" ] && ! [[ "$target" =~ $AFKERN_GPU_TEST_ONLY ]]; then continue; fi
+        if [ "$which" = early ] && [ $early = 0 ]; then continue; fi
+        if [ "$which" = rest ] && [ $early = 1 ] && [ -n "$EARLY_STARTED" ]; then continue; fi
         matches=()
         if [[ "$file" == *[\*\?\[]* ]]; then
             for m in $file; do [ -e "$m" ] && matches+=("$m${target#"$file"}"); done
@@ -388,9 +403,20 @@ st_tests() {
             run_entry "$m" "$safe" "$tmo" "${#envs[@]}" "${envs[@]}" "${args[@]}" &
         done
     done < "$list"
+    [ "$which" = early ] && EARLY_STARTED=1
+    return 0
+}
+
+st_tests() {
+    env_header
+    ensure_afkern || return 1
+    local list="${AFKERN_GPU_TESTS:-scripts/gpu_tests.txt}" rc
+    [ -f "$list" ] || { log "FAILED: no test list $list"; return 1; }
+    mkdir -p "$LOGS/junit"; [ -n "$EARLY_STARTED" ] || : > "$LOGS/tests_status.tsv"
+    launch_entries rest
     wait
     echo "kernel tests (list: $list; logs: tests_*.log):" > "$LOGS/summary_tests.tmp"
-    "$PY" "$ROOT/scripts/gpu_tools.py" tests-summary "$status" "$LOGS/junit" >> "$LOGS/summary_tests.tmp"; rc=$?
+    "$PY" "$ROOT/scripts/gpu_tools.py" tests-summary "$LOGS/tests_status.tsv" "$LOGS/junit" >> "$LOGS/summary_tests.tmp"; rc=$?
     mv "$LOGS/summary_tests.tmp" "$LOGS/summary_tests.txt"
     cat "$LOGS/summary_tests.txt"
     NOTE="$(tail -n1 "$LOGS/summary_tests.txt" | awk -F'|' '{gsub(/ /,"",$4); gsub(/ /,"",$5); gsub(/ /,"",$6); print $4" passed, "$5" failed, "$6" errors"}')"
