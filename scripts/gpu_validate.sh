@@ -5,7 +5,7 @@
 #
 #   bash scripts/gpu_validate.sh call1    (timeout_s 500; deadline 470 s)  build tests ceilings quick
 #   bash scripts/gpu_validate.sh call2    (timeout_s 360; deadline 330 s)  autotune graphs
-#   bash scripts/gpu_validate.sh plan     print both calls' stages and the test list (no work; CPU test)
+#   bash scripts/gpu_validate.sh plan     print both calls' stages, caps and deadlines (no work; tests/test_gpu_plan.py)
 #   bash scripts/gpu_validate.sh STAGE [STAGE ...]                          any stages, in the order given
 #
 # Stages (each installs what it needs, so each works alone on a fresh machine; [cap] = the most
