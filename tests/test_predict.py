@@ -41,12 +41,12 @@ def run_dir(tmp_path_factory):
     return {"model": model, "out": out, "rows": rows}
 
 
-def _alone(run_dir, spec, texts, dtype):
+def _alone(run_dir, spec, texts, dtype, pairs=None):
     """The task's own classifier (load_classifier), the texts in one batch: softmax [n, labels]."""
     f = find_task(run_dir["out"], spec)
     clf = load_classifier(run_dir["model"], list(f.adapters.values()), f.head_dir, f.fusion_dir, backend="torch").to(dtype)
     tok = T.load_tokenizer(run_dir["model"])
-    enc = Encoded(tok, texts, None, [0] * len(texts), int(f.run["settings"]["max_length"]))
+    enc = Encoded(tok, texts, pairs, [0] * len(texts), int(f.run["settings"]["max_length"]))
     with torch.no_grad():
         return torch.softmax(clf(**enc.batch(range(len(texts)), "cpu")).double(), -1)
 
@@ -164,3 +164,21 @@ def test_concurrent_predictions_do_not_mix(run_dir):
         for _ in range(3):
             got = list(ex.map(lambda j: pred.predict(*j), jobs))
             assert got == alone
+
+
+def test_text_pairs_are_read_and_encoded_as_in_training(run_dir, tmp_path):
+    rows = run_dir["rows"][:6]
+    src = tmp_path / "pairs.jsonl"
+    src.write_text("".join(json.dumps({"text": r["text"], "text_pair": r["text"][::-1], "task": r["task"]}) + "\n"
+                           for r in rows))
+    inp = read_inputs(str(src), TASKS)
+    assert inp["pairs"] == [r["text"][::-1] for r in rows] and inp["where"][2] == f"{src} line 3"
+    got = T.predict(run_dir["out"], TASKS, str(src), dtype=torch.float64, backend="torch")
+    without = T.predict(run_dir["out"], TASKS, str(src), pair_column=None,
+                        dtype=torch.float64, backend="torch")
+    assert [g["probabilities"] for g in got] != [w["probabilities"] for w in without]
+    for spec in set(r["task"] for r in rows):
+        idx = [i for i, r in enumerate(rows) if r["task"] == spec]
+        ref = _alone(run_dir, spec, [rows[i]["text"] for i in idx], torch.float64, [rows[i]["text"][::-1] for i in idx])
+        for i, p in zip(idx, ref):
+            assert got[i]["probability"] == pytest.approx(float(p.max()), abs=1e-9)

@@ -10,7 +10,8 @@ the tasks: ``afkern.route`` sends each sequence through its task's fusion; stage
 in batches of their own, routed by adapter (a route is by fusion or by adapter). So each row's
 prediction is the one its task's own classifier (:func:`afkern.train.load_classifier`) gives run
 alone. Output: per row the task, the predicted label, its probability (the softmax of the head's
-logits) and every label's probability.
+logits) and every label's probability. A fusion pruned with ``--prune-k`` is not what runs here
+(the full fusion is); ``load_classifier(..., pruned=PATH)`` rebuilds the pruned one.
 """
 
 from __future__ import annotations
