@@ -168,10 +168,16 @@ def run_way(way: str, model, c: dict, prompt, tokens, device, dry: bool):
             if not dry:
                 torch.compiler.cudagraph_mark_step_begin()
             return step(tok, pos)
+        from torch._dynamo.utils import counters
+
+        skips0 = counters["inductor"]["cudagraph_skips"]
         for _ in range(2):  # compile and record outside the timed steps
             tok.fill_(int(tokens[0]))
             pos.fill_(P)
             fn()
+        if not dry:  # inductor runs the graph without CUDA graphs when it must (mutated inputs, CPU ops...)
+            skips = counters["inductor"]["cudagraph_skips"] - skips0
+            note = f"inductor skipped CUDA graphs {skips}x" if skips else "inductor CUDA graphs"
     else:
         raise ValueError(way)
     start, stop = timed(device)
