@@ -17,6 +17,8 @@ The adapters are held once, stacked; any number of named fusions over subsets of
 from __future__ import annotations
 
 import math
+import threading
+import weakref
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -26,6 +28,7 @@ from .activations import canonical_activation
 from .backends import REGISTRY, check_name, resolve_backend
 from .config import FusionConfig, load_adapter_config
 from .fusion import AdapterFusion, FusionControl
+from .ops.cache import Cache
 from .ops.fold import FoldedWeights, fold_weights
 from .ops.params import FusionParams, LayerSpec
 from .ops.routed import current_route
@@ -33,6 +36,16 @@ from .ops.routed import current_route
 __all__ = ["FusedAdapterBlock", "check_adapter_names"]
 
 _ADAPTER_PARAMS = ("down_weight", "down_bias", "up_weight", "up_bias")
+
+#: what each thread's last recorded forward of a block saw: {block: (fusion weights, RecordedRoute)}
+_RECORDS = threading.local()
+
+
+def _records() -> "weakref.WeakKeyDictionary":
+    r = getattr(_RECORDS, "by_block", None)
+    if r is None:
+        r = _RECORDS.by_block = weakref.WeakKeyDictionary()
+    return r
 
 
 def check_adapter_names(names, what: str = "adapter names") -> List[str]:
@@ -132,8 +145,10 @@ class FusedAdapterBlock(nn.Module):
             self.active_fusion = fusion_name or ",".join(names)
         self._backend = check_name(backend)
         self.record_fusion_weights = False
-        self.fusion_weights: Optional[torch.Tensor] = None
-        self._folded: Dict[str, Tuple[tuple, FoldedWeights]] = {}
+        # folded inference weights per fusion (slot: the fusion's name; key: its sources' versions)
+        self._folded = Cache()
+        # afkern.routing's folds over all adapters and index tensors of the fusions' subsets
+        self._routed_cache = Cache()
         # inference-time controls of the fusions' weights (afkern.control) live on each fusion
         # (``fusion.control``); ``fusion_control`` is the active fusion's
 
@@ -388,22 +403,41 @@ class FusedAdapterBlock(nn.Module):
             raise ValueError("folded weights belong to a fusion; this block runs a single adapter")
         name = next(k for k, f in self.fusions.items() if f is fusion)
         key = tuple((t.data_ptr(), t._version, t.dtype, t.device, t.shape) for t in self._fold_sources(fusion))
-        hit = self._folded.get(name)
-        if hit is None or hit[0] != key:
-            hit = (key, fold_weights(self.params(fusion), self.spec(fusion)))
-            self._folded[name] = hit
-        return hit[1]
+        return self._folded.get(key, lambda: fold_weights(self.params(fusion), self.spec(fusion)), slot=name)
 
     def cached_folded(self) -> Optional[FoldedWeights]:
         """The active fusion's folded weights if a no-grad forward has folded them (else None)."""
-        hit = self._folded.get(self.active_fusion) if self.active_fusion is not None else None
-        return None if hit is None else hit[1]
+        return self._folded.peek(self.active_fusion) if self.active_fusion is not None else None
 
     def invalidate_folded(self) -> "FusedAdapterBlock":
         """Drop the folded inference weights; the next no-grad forward folds afresh."""
-        self._folded = {}
-        self.__dict__.pop("_routed_folded", None)  # afkern.routing's folds over all adapters
+        self._folded.clear()
+        self._routed_cache.clear()
         return self
+
+    # ------------------------------------------------------------------ recorded fusion weights
+    @property
+    def fusion_weights(self) -> Optional[torch.Tensor]:
+        """The softmax weights [..., N] of this thread's last forward of the block while
+        ``record_fusion_weights`` was on (detached, on the device), or None. Per thread: a forward
+        in another thread does not replace it."""
+        rec = _records().get(self)
+        return None if rec is None else rec[0]
+
+    @fusion_weights.setter
+    def fusion_weights(self, weights: Optional[torch.Tensor]) -> None:
+        self.record(weights)
+
+    @property
+    def fusion_route(self):
+        """The route of this thread's last recorded forward (``afkern.routing.RecordedRoute``), or
+        None after a plain forward."""
+        rec = _records().get(self)
+        return None if rec is None else rec[1]
+
+    def record(self, weights: Optional[torch.Tensor], route=None) -> None:
+        """Record a forward's fusion weights (and its route) for this thread."""
+        _records()[self] = (weights, route)
 
     def train(self, mode: bool = True) -> "FusedAdapterBlock":
         self.invalidate_folded()
@@ -495,7 +529,7 @@ class FusedAdapterBlock(nn.Module):
                 folded = self.folded_weights(fusion)
         out, probs = backend.layer(h2, x2, self.params(fusion), spec, inv_t, score_scale, folded, prior)
         if self.record_fusion_weights and probs is not None:
-            self.fusion_weights = probs.detach().reshape(*lead, spec.n_adapters)
+            self.record(probs.detach().reshape(*lead, spec.n_adapters))
         return out.reshape(*lead, d)
 
     def extra_repr(self) -> str:

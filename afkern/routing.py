@@ -36,6 +36,7 @@ from .block import FusedAdapterBlock, check_adapter_names
 from .config import FusionConfig
 from .fusion import AdapterFusion
 from .model import blocks_of
+from .ops.cache import Cache
 from .ops.fold import fold_weights
 from .ops.params import FusionParams
 from .ops.routed import ACTIVE_ROUTES, RoutedFold, RoutedFusion, RoutePlan, current_route, route_plan
@@ -136,7 +137,7 @@ class RouteState:
     kind: str
     names: List[str]
     blocks: frozenset
-    _plans: Dict[tuple, RoutePlan] = dataclasses.field(default_factory=dict)
+    _plans: Cache = dataclasses.field(default_factory=Cache)
 
     def covers(self, block: FusedAdapterBlock) -> bool:
         return id(block) in self.blocks
@@ -154,23 +155,18 @@ class RouteState:
         if n != len(self.names):
             raise ValueError(f"the route has {len(self.names)} entries but the batch has {n} {what}; give one "
                              f"{self.kind} per {'sequence' if len(lead) == 2 else 'token'}")
-        key = (tuple(lead), str(device))
-        hit = self._plans.get(key)
-        if hit is None:
+        def build():
             order = list(block.fusions) if self.kind == "fusion" else list(block.adapter_names)
             codes = tuple(order.index(nm) for nm in self.names)
             # plans are pure functions of the route: shared by every route() of the same batch shape
-            gkey = (codes, tuple(order), seq_len, str(device))
-            hit = _PLANS.get(gkey)
-            if hit is None:
-                if len(_PLANS) >= 64:
-                    _PLANS.pop(next(iter(_PLANS)))
-                hit = _PLANS[gkey] = route_plan(list(codes), order, seq_len, device)
-            self._plans[key] = hit
-        return hit
+            return _PLANS.get((codes, tuple(order), seq_len, str(device)),
+                              lambda: route_plan(list(codes), order, seq_len, device))
+
+        return self._plans.get((tuple(lead), str(device)), build)
 
 
-_PLANS: Dict[tuple, RoutePlan] = {}
+#: route plans by (codes, order, seq_len, device), shared by every route() (one model, many threads)
+_PLANS = Cache(limit=64)
 
 
 def _entries(values, what: str) -> list:
@@ -291,18 +287,19 @@ def routed_folds(block: FusedAdapterBlock, names: Sequence[str]) -> List[RoutedF
     batched GEMM on CPU, the triton kernel without a copy). Cached like ``block.folded_weights``,
     keyed on the version counters and storage of every source tensor; a change refolds the
     fusions it touches. ``block.invalidate_folded`` drops it."""
-    cache = block.__dict__.setdefault("_routed_folded", {})
     keys = {k: _fold_key(block, f) for k, f in block.fusions.items()}
-    if cache.get("keys") != keys:
-        old_keys, old = cache.get("keys", {}), cache.get("folds", {})
-        folds = {k: (old[k] if k in old and old_keys.get(k) == key else _fold_one(block, block.fusions[k]))
-                 for k, key in keys.items()}
+    key = tuple(keys.items())
+
+    def build():
+        old = block._routed_cache.peek("folds") or ({}, {})
+        folds = {k: (old[1][k] if k in old[1] and old[0].get(k) == fk else _fold_one(block, block.fusions[k]))
+                 for k, fk in keys.items()}
         order = list(keys)
         stacks = [torch.stack([getattr(folds[k], a) for k in order]) for a in ("w_q", "b_q", "w_out")]
-        cache.clear()
-        cache.update(keys=keys, folds={k: RoutedFold(stacks[0][i], stacks[1][i], stacks[2][i], folds[k].w_res)
-                                       for i, k in enumerate(order)})
-    return [cache["folds"][n] for n in names]
+        return keys, {k: RoutedFold(stacks[0][i], stacks[1][i], stacks[2][i], folds[k].w_res) for i, k in enumerate(order)}
+
+    folds = block._routed_cache.get(key, build, slot="folds")[1]
+    return [folds[n] for n in names]
 
 
 def routed_folded(block: FusedAdapterBlock, fusion: AdapterFusion) -> RoutedFold:
@@ -315,13 +312,10 @@ def _fusion_index(block: FusedAdapterBlock, fusion: AdapterFusion) -> Optional[t
     (adapters, device) so a forward makes no host-to-device copy."""
     if fusion.adapter_names == block.adapter_names:
         return None
-    cache = block.__dict__.setdefault("_routed_index", {})
     dev = block.down_weight.device
-    key = (tuple(block.adapter_names), tuple(fusion.adapter_names), str(dev))
-    hit = cache.get(key)
-    if hit is None:
-        hit = cache[key] = torch.tensor([block.adapter_names.index(n) for n in fusion.adapter_names], device=dev)
-    return hit
+    key = ("index", tuple(block.adapter_names), tuple(fusion.adapter_names), str(dev))
+    return block._routed_cache.get(key, lambda: torch.tensor(
+        [block.adapter_names.index(n) for n in fusion.adapter_names], device=dev))
 
 
 def routed_inputs(block: FusedAdapterBlock, plan: RoutePlan, device, fold: bool,
@@ -385,8 +379,8 @@ def routed_forward(block: FusedAdapterBlock, h: torch.Tensor, residual_input: to
     inputs = routed_inputs(block, plan, h2.device, fold, with_params=backend.name == "reference")
     out, probs = backend.routed_layer(h2, x2, P, spec, plan, inputs)
     if block.record_fusion_weights:
-        block.fusion_weights = probs.detach().reshape(*lead, block.n_adapters)
-        block.__dict__["fusion_route"] = RecordedRoute(plan, block.fusion_weights)
+        w = probs.detach().reshape(*lead, block.n_adapters)
+        block.record(w, RecordedRoute(plan, w))
     return out.reshape(*lead, d)
 
 

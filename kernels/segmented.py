@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops.cache import Cache
 from ..ops.limits import MAX_INDEX
 from ..ops.routed import strided_stack
 from .common import INTERPRET, mma
@@ -206,8 +207,8 @@ class SegMMTriton(torch.autograd.Function):
         return dx, dW, db, dbase, None
 
 
-_STACKS: dict = {}
-_MAX_STACKS = 16
+#: keyed on storage and version counters, built under a lock (one model, many threads)
+_STACKS = Cache(limit=16)
 
 
 def _stack(ts: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -217,12 +218,7 @@ def _stack(ts: Sequence[torch.Tensor]) -> torch.Tensor:
     if torch.is_grad_enabled() and any(t.requires_grad for t in ts):
         return torch.stack(list(ts))
     key = tuple((t.data_ptr(), t._version, tuple(t.shape), tuple(t.stride()), t.dtype, t.device) for t in ts)
-    hit = _STACKS.get(key)
-    if hit is None:
-        if len(_STACKS) >= _MAX_STACKS:
-            _STACKS.pop(next(iter(_STACKS)))
-        hit = _STACKS[key] = (torch.stack(list(ts)), list(ts))
-    return hit[0]
+    return _STACKS.get(key, lambda: (torch.stack(list(ts)), list(ts)))[0]
 
 
 def seg_mm_triton(x: torch.Tensor, weights: Sequence[Optional[torch.Tensor]], plan,

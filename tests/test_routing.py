@@ -208,8 +208,8 @@ def test_no_grad_uses_folded_maps_and_refolds_after_a_step():
     with torch.no_grad(), afkern.route(m, fusion=route):
         m(ids, attention_mask=mask)
     blk = next(afkern.fused_blocks(m))[1]
-    folds = blk.__dict__["_routed_folded"]["folds"]
-    assert list(folds) == list(blk.fusions)  # every fusion folded into one stack per map
+    folds = dict(zip(blk.fusions, afkern.routing.routed_folds(blk, list(blk.fusions))))
+    assert afkern.routing.routed_folds(blk, ["tri"])[0] is folds["tri"]  # cached, one stack per map
     assert folds["tri"].w_q.data_ptr() - folds["sub"].w_q.data_ptr() == folds["sub"].w_q.numel() * 8
     with torch.no_grad():
         blk.fusions["tri"].query.weight.mul_(1.5)  # a version bump: the cached fold must not be used
@@ -217,8 +217,9 @@ def test_no_grad_uses_folded_maps_and_refolds_after_a_step():
             out = m(ids, attention_mask=mask).last_hidden_state
         ref = _alone(m, ids, mask, route)
     assert rel_err(out, ref) < 1e-9
+    again = afkern.routing.routed_folds(blk, ["sub"])[0]
     blk.invalidate_folded()
-    assert "_routed_folded" not in blk.__dict__
+    assert afkern.routing.routed_folds(blk, ["sub"])[0] is not again  # dropped: folded afresh
 
 
 def test_autocast_routed_equals_alone_in_bf16():

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from ..activations import activation_fn
+from .cache import Cache
 from .params import FusionParams, LayerSpec
 from .prologue import add_norm, norm_only, prologue
 
@@ -82,7 +83,7 @@ class RoutePlan:
     inv: Optional[torch.Tensor]
     seg_ids: torch.Tensor
     tokens: int
-    _tables: dict = dataclasses.field(default_factory=dict)
+    _tables: Cache = dataclasses.field(default_factory=Cache)
 
     def sort(self, t: torch.Tensor) -> torch.Tensor:
         """Rows of ``t`` [T, ...] in route order."""
@@ -103,26 +104,21 @@ class RoutePlan:
         """(int32 [3, n_blocks], n_blocks): for every tile of ``block_t`` sorted rows that lies
         inside one segment (segments are cut at their own ends, as MoE kernels align experts to the
         token block), its segment, first row and end row. Cached per tile size."""
-        hit = self._tables.get(block_t)
-        if hit is None:
+        def build():
             seg, start, end = [], [], []
             for k, (s, e) in enumerate(self.bounds):
                 for r0 in range(s, e, block_t):
                     seg.append(k)
                     start.append(r0)
                     end.append(min(r0 + block_t, e))
-            tab = torch.tensor([seg, start, end], dtype=torch.int32).to(self.seg_ids.device)
-            hit = self._tables[block_t] = (tab, len(seg))
-        return hit
+            return torch.tensor([seg, start, end], dtype=torch.int32).to(self.seg_ids.device), len(seg)
+
+        return self._tables.get(block_t, build)
 
     def segment_table(self) -> torch.Tensor:
         """int32 [2, K]: start and end row of every segment (on the device), cached."""
-        hit = self._tables.get("segments")
-        if hit is None:
-            hit = torch.tensor([[s for s, _ in self.bounds], [e for _, e in self.bounds]],
-                               dtype=torch.int32).to(self.seg_ids.device)
-            self._tables["segments"] = hit
-        return hit
+        return self._tables.get("segments", lambda: torch.tensor(
+            [[s for s, _ in self.bounds], [e for _, e in self.bounds]], dtype=torch.int32).to(self.seg_ids.device))
 
 
 def route_plan(codes: Sequence[int], names: Sequence[str], seq_len: int, device) -> RoutePlan:
