@@ -40,7 +40,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..activations import activation_fn, activation_grad
+from .activations import activation_fn, activation_grad
 
 __all__ = ["rowop_forward", "rowop_backward", "rowop_torch", "acc", "check_rowop_inputs"]
 
