@@ -152,10 +152,11 @@ def block_params(block) -> FusionParams:
 
 
 def _with_maps(P: FusionParams, fusion) -> FusionParams:
-    g = lambda m, a: None if m is None else getattr(m, a)  # noqa: E731
-    return P.replace(query_weight=g(fusion.query, "weight"), query_bias=g(fusion.query, "bias"),
-                     key_weight=g(fusion.key, "weight"), key_bias=g(fusion.key, "bias"),
-                     value_weight=g(fusion.value, "weight"))
+    q, k, v = fusion.query, fusion.key, fusion.value
+    return FusionParams(P.ln_weight, P.ln_bias, P.down_weight, P.down_bias, P.up_weight, P.up_bias,
+                        None if q is None else q.weight, None if q is None else q.bias,
+                        None if k is None else k.weight, None if k is None else k.bias,
+                        None if v is None else v.weight, P.norm_module)
 
 
 def fusion_index(block, fusion) -> Optional[torch.Tensor]:
@@ -181,27 +182,35 @@ def fusion_params(block, fusion=None) -> FusionParams:
 
 
 def _fold_sources(block, fusion) -> List[torch.Tensor]:
-    return [getattr(block, n) for n in ADAPTER_PARAMS] + list(fusion.parameters())
+    """The tensors a fusion's folds are made of: the block's adapters and the fusion's maps (read
+    from the modules' parameter dicts: a forward reads them every call)."""
+    out = [block._parameters[n] for n in ADAPTER_PARAMS]
+    for m in (fusion.query, fusion.key, fusion.value):
+        if m is not None:
+            out += [t for t in m._parameters.values() if t is not None]
+    return out
 
 
-def _fold_key(block, fusion) -> tuple:
-    return tuple((t.data_ptr(), t._version, t.dtype, t.device, t.shape) for t in _fold_sources(block, fusion))
+def _fold_key(sources: Sequence[torch.Tensor]) -> tuple:
+    return tuple((t.data_ptr(), t._version, t.dtype, t.device, t.shape) for t in sources)
 
 
-def needs_grad(block, fusion) -> bool:
+def needs_grad(block, fusion, sources: Optional[Sequence[torch.Tensor]] = None) -> bool:
     """Whether the fusion's weights must stay unfolded: they need gradients now, or they are
     trainable and the block is training (reentrant gradient checkpointing runs the training
     forward under no_grad; it must compute what its recomputation does, and folding weights
     that change at every step would refold at every step)."""
-    trainable = any(t.requires_grad for t in _fold_sources(block, fusion))
+    sources = _fold_sources(block, fusion) if sources is None else sources
+    trainable = any(t.requires_grad for t in sources)
     return trainable and (torch.is_grad_enabled() or block.training)
 
 
 # ---------------------------------------------------------------------------------- folded weights
-def folded_weights(block, fusion) -> FoldedWeights:
+def folded_weights(block, fusion, sources: Optional[Sequence[torch.Tensor]] = None) -> FoldedWeights:
     """Fusion ``fusion``'s folded inference weights over its own adapters (``block._folded``)."""
     name = next(k for k, f in block.fusions.items() if f is fusion)
-    return block._folded.get(_fold_key(block, fusion),
+    sources = _fold_sources(block, fusion) if sources is None else sources
+    return block._folded.get(_fold_key(sources),
                              lambda: fold_weights(block.params(fusion), block.spec(fusion)), slot=name)
 
 
@@ -224,7 +233,7 @@ def routed_folds(block, names: Sequence[str]) -> List[RoutedFold]:
     batched GEMM on CPU, the triton kernel without a copy). Keyed on the version counters and
     storage of every source tensor (and the fusions' configs); a change refolds the fusions it
     touches. ``block.invalidate_folded`` drops it."""
-    keys = {k: _fold_key(block, f) + (repr(f.config),) for k, f in block.fusions.items()}
+    keys = {k: _fold_key(_fold_sources(block, f)) + (repr(f.config),) for k, f in block.fusions.items()}
 
     def build():
         old_keys, old = block._routed_cache.peek("folds") or ({}, {})
@@ -239,12 +248,13 @@ def routed_folds(block, names: Sequence[str]) -> List[RoutedFold]:
 
 
 # ---------------------------------------------------------------------------------- segments
-def _fusion_segment(block, fusion, rows: int, device, dtype, index, folded, with_params: bool,
-                    active: bool = False) -> Segment:
+def _fusion_segment(block, fusion, rows: int, device, dtype, index, folded, params: Optional[FusionParams],
+                    active: bool = False, fspec: Optional[LayerSpec] = None) -> Segment:
     """One fusion's segment of this forward: its per-forward steps run here, once (temperature
     annealing, its score-dropout draw in training, its control). ``active``: the block's active
-    fusion over every token (its draw is ``block.score_dropout_scale(tokens, device)``)."""
-    fspec = block.spec(fusion)
+    fusion over every token (its draw is ``block.score_dropout_scale(tokens, device)``);
+    ``params``: its FusionParams, for the reference backend (else None)."""
+    fspec = fspec if fspec is not None else block.spec(fusion)
     inv_t = 1.0 / fusion.begin_forward()
     score_scale = None
     if block.training and fusion.score_dropout > 0:
@@ -257,7 +267,7 @@ def _fusion_segment(block, fusion, rows: int, device, dtype, index, folded, with
     return Segment(index=index, spec=fspec, query_weight=g(fusion.query, "weight"), query_bias=g(fusion.query, "bias"),
                    key_weight=g(fusion.key, "weight"), key_bias=g(fusion.key, "bias"),
                    value_weight=g(fusion.value, "weight"), inv_temperature=inv_t, score_scale=score_scale, prior=prior,
-                   folded=folded, params=block.params(fusion) if with_params else None)
+                   folded=folded, params=params)
 
 
 def segments(block, plan: RoutePlan, device, fold: bool, with_params: bool = False) -> List[Segment]:
@@ -266,9 +276,12 @@ def segments(block, plan: RoutePlan, device, fold: bool, with_params: bool = Fal
     fusion's FusionParams (the reference backend)."""
     folds = routed_folds(block, plan.names) if fold else [None] * len(plan.names)
     dtype = block.down_weight.dtype
-    return [_fusion_segment(block, block.fusions[name], e - s, device, dtype, fusion_index(block, block.fusions[name]),
-                            folds[k], with_params)
-            for k, (name, (s, e)) in enumerate(zip(plan.names, plan.bounds))]
+    out = []
+    for k, (name, (s, e)) in enumerate(zip(plan.names, plan.bounds)):
+        f = block.fusions[name]
+        out.append(_fusion_segment(block, f, e - s, device, dtype, fusion_index(block, f), folds[k],
+                                   block.params(f) if with_params else None))
+    return out
 
 
 def routed_spec(block, fusion) -> LayerSpec:
@@ -326,12 +339,13 @@ def _compile_active(block, h2: torch.Tensor):
         return backend, P, spec, SegmentPlan(None, adapter_segments(spec, [spec.active]))
     # the fold cache keys on data pointers, which torch.compile cannot trace (fullgraph):
     # compiled graphs run the unfolded layer and let the compiler plan the GEMMs
-    fold = backend.folds and not needs_grad(block, fusion) and not torch.compiler.is_compiling()
-    if fold and block.training and fusion.score_dropout > 0:
-        fold = False  # score dropout needs the terms the fold drops
-    seg = _fusion_segment(block, fusion, h2.shape[0], h2.device, h2.dtype, None,
-                          block.folded_weights(fusion) if fold else None, False, active=True)
-    seg = dataclasses.replace(seg, params=P if backend.name == "reference" else None)
+    folded = None
+    if backend.folds and not torch.compiler.is_compiling() and not (block.training and fusion.score_dropout > 0):
+        sources = _fold_sources(block, fusion)  # (score dropout needs the terms the fold drops)
+        if not needs_grad(block, fusion, sources):
+            folded = folded_weights(block, fusion, sources)
+    seg = _fusion_segment(block, fusion, h2.shape[0], h2.device, h2.dtype, None, folded,
+                          P if backend.name == "reference" else None, active=True, fspec=spec)
     return backend, P, spec, SegmentPlan(None, [seg])
 
 

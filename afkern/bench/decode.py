@@ -331,7 +331,8 @@ def run(args, cfg: dict, out_dir: str, argv: List[str]) -> int:
         from .decode_profile import profile_report
 
         written.append(profile_report(os.path.join(out_dir, "decode_profile.txt"), pm, fm,
-                                      make_prompt(1, args.prompt_len, args.vocab_size, cfg["seed"], device), new_tokens))
+                                      make_prompt(1, args.prompt_len, args.vocab_size, cfg["seed"], device), new_tokens,
+                                      generate))
     print("\n" + text)
     print(f"\nwrote {', '.join(written)} in {time.perf_counter() - t0:.0f}s")
     return 0 if all(r["status"] == "ok" for r in rows if r["provider"] != "adapters" or am is not None) else 1

@@ -95,11 +95,10 @@ def _short(key: Tuple[str, int, str]) -> str:
     return f"{fn} ({f}:{line})"
 
 
-def profile_report(path: str, pm: nn.Module, fm: nn.Module, ids: torch.Tensor, new_tokens: int) -> str:
-    """Profile afkern's and the plain model's ``generate()`` on ``ids`` (module doc); write the
-    summary to ``path`` (atomically) and return ``path``."""
-    from .decode import generate
-
+def profile_report(path: str, pm: nn.Module, fm: nn.Module, ids: torch.Tensor, new_tokens: int, generate) -> str:
+    """Profile afkern's and the plain model's ``generate()`` on ``ids`` (module doc; ``generate``:
+    ``afkern.bench.decode.generate``, passed in so that imports run one way); write the summary to
+    ``path`` (atomically) and return ``path``."""
     per = float(new_tokens)  # per decoding step (each step makes one token for every row of the batch)
     calls = {"afkern": lambda: generate(fm, ids, new_tokens), "plain": lambda: generate(pm, ids, new_tokens)}
     py = {k: _by_function(python_profile(c), per) for k, c in calls.items()}

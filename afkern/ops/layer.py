@@ -22,8 +22,14 @@ into Wd/Wa/Ws and Wu/bu, and [Z | A | sb] is one GEMM when q is x.
 
 A backend is a :class:`Primitives`: its row op, its add + LayerNorm, optionally its separate norm
 (then the prologue forms h + input and the epilogue reuses it), and optionally a fused ``core``
-that does the three GEMMs, the row op and the mix in kernels (Triton). Without a core the layer
-runs the GEMMs in torch (cuBLAS / MKL) around ``rowop``.
+that does the three GEMMs, the row op and the mix in kernels (Triton), and its segmented GEMM.
+Without a core the layer runs the GEMMs in torch (cuBLAS / MKL) around ``rowop``.
+
+One layer, any number of segments (docs/DESIGN.md section 7): :func:`fusion_layer` takes an
+optional :class:`afkern.ops.segments.SegmentPlan`. The plain forward is its one-segment case
+(:func:`one_segment`); a routed batch sorts the tokens by fusion (or single adapter) and the
+maps that depend on the fusion become segmented GEMMs, the N-wide work staying one GEMM (or the
+backend's fused core) over every token.
 """
 
 from __future__ import annotations
@@ -126,7 +132,14 @@ def _unfolded_weights(P: FusionParams) -> CoreWeights:
 
 
 def _folded_weights(folded: FoldedWeights, NR: int) -> CoreWeights:
-    """The core's weights from one fusion's :class:`FoldedWeights` (one segment over every token)."""
+    """The core's weights from one fusion's :class:`FoldedWeights` (one segment over every token),
+    made once per fold (the views cost more than the GEMMs at a decoding step's single token)."""
+    if folded.core is None:
+        folded.core = _core_views(folded, NR)
+    return folded.core
+
+
+def _core_views(folded: FoldedWeights, NR: int) -> CoreWeights:
     w_out = folded.w_out
     if folded.w_q is None:
         w_in, b_in = folded.w_in, folded.b_in

@@ -68,7 +68,8 @@ def _tempered(s: torch.Tensor, inv_temperature: float, score_scale, prior) -> to
     """``s * M * inv_temperature + b`` in the accumulation dtype."""
     if score_scale is not None:
         s = s * score_scale.to(s.dtype)
-    s = s * inv_temperature
+    if inv_temperature != 1.0:  # (a decoding step's single token pays for every small op)
+        s = s * inv_temperature
     if prior is not None:
         s = s + prior.to(s.dtype)
     return s
