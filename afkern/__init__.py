@@ -5,7 +5,7 @@ exactly equal to AdapterHub's ``adapters`` implementation, at the adapter sites 
 family AdapterHub fuses; several named fusions per model, routed per sequence in one batch.
 """
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 from .ops.limits import KERNEL_ACTIVATIONS
 from .backends import available_backends, resolve_backend

@@ -32,10 +32,11 @@ from .backends import check_name
 from .block import FusedAdapterBlock
 from .config import AdapterConfig, FusionConfig
 from .families import FAMILIES, family_of
-from .pretrained import track_model
+from .record import track_model
 from .model import fused_blocks, install, structure_kwargs
 from .patching import build_site_block, model_dropout, site_placed
 from .sites import Family, install_sites, site_blocks, slots_of
+from .weights import read_tensors as _read_tensors
 
 __all__ = ["from_adapterhub", "load_adapterhub", "save_adapterhub"]
 
@@ -86,28 +87,6 @@ def _atomic_save_tensors(path: str, tensors: Dict[str, torch.Tensor]) -> None:
         buf = io.BytesIO()
         torch.save(tensors, buf)
         atomic_write_bytes(path, buf.getvalue())
-
-
-def _read_tensors(path: str) -> Dict[str, torch.Tensor]:
-    """Load a weights file without executing pickled code."""
-    if path.endswith(".safetensors"):
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(path)
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise ValueError(f"{path} is not a valid safetensors file: {exc}") from None
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(
-            f"{path} could not be loaded as a plain tensor file with weights_only=True ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}); afkern never unpickles arbitrary objects"
-        ) from None
-    if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{path} does not hold a dict of tensors")
-    return dict(sd)
 
 
 def _read_json(path: str) -> dict:

@@ -39,7 +39,7 @@ def fusion_weights(model: nn.Module, mask: Optional[torch.Tensor] = None,
         w = b.fusion_weights
         if w is None:
             continue
-        rec = b.__dict__.get("fusion_route")
+        rec = b.fusion_route
         routed = rec is not None and rec.weights is w
         flat = w.reshape(-1, w.shape[-1])
         if mask is not None:

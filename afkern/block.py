@@ -17,22 +17,34 @@ The adapters are held once, stacked; any number of named fusions over subsets of
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+import threading
+import weakref
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
-from .activations import canonical_activation
-from .backends import REGISTRY, check_name, resolve_backend
+from . import compiler
+from .backends import check_name, resolve_backend
 from .config import FusionConfig, load_adapter_config
 from .fusion import AdapterFusion, FusionControl
-from .ops.fold import FoldedWeights, fold_weights
+from .ops.cache import Cache
+from .ops.fold import FoldedWeights
 from .ops.params import FusionParams, LayerSpec
-from .ops.routed import current_route
 
 __all__ = ["FusedAdapterBlock", "check_adapter_names"]
 
-_ADAPTER_PARAMS = ("down_weight", "down_bias", "up_weight", "up_bias")
+_ADAPTER_PARAMS = compiler.ADAPTER_PARAMS
+
+#: what each thread's last recorded forward of a block saw: {block: (fusion weights, RecordedRoute)}
+_RECORDS = threading.local()
+
+
+def _records() -> "weakref.WeakKeyDictionary":
+    r = getattr(_RECORDS, "by_block", None)
+    if r is None:
+        r = _RECORDS.by_block = weakref.WeakKeyDictionary()
+    return r
 
 
 def check_adapter_names(names, what: str = "adapter names") -> List[str]:
@@ -132,8 +144,10 @@ class FusedAdapterBlock(nn.Module):
             self.active_fusion = fusion_name or ",".join(names)
         self._backend = check_name(backend)
         self.record_fusion_weights = False
-        self.fusion_weights: Optional[torch.Tensor] = None
-        self._folded: Dict[str, Tuple[tuple, FoldedWeights]] = {}
+        # folded inference weights per fusion (slot: the fusion's name; key: its sources' versions)
+        self._folded = Cache()
+        # afkern.routing's folds over all adapters and index tensors of the fusions' subsets
+        self._routed_cache = Cache()
         # inference-time controls of the fusions' weights (afkern.control) live on each fusion
         # (``fusion.control``); ``fusion_control`` is the active fusion's
 
@@ -323,57 +337,14 @@ class FusedAdapterBlock(nn.Module):
         self._site_norm = () if norm is None else (norm,)
         return self
 
-    def _fusion_indices(self, fusion: AdapterFusion) -> Optional[List[int]]:
-        """Indices of the fusion's adapters in the block, or None when it mixes all, in block order."""
-        if fusion.adapter_names == self.adapter_names:
-            return None
-        return [self.adapter_names.index(n) for n in fusion.adapter_names]
-
     def spec(self, fusion: Optional[AdapterFusion] = None) -> LayerSpec:
         """The static description of the active setup (or of ``fusion``)."""
-        fusion = fusion if fusion is not None else self.fusion
-        ac = self.adapter_config
-        norm = self.site_norm()
-        eps = 1e-12 if norm is None else float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-12)))
-        common = dict(
-            bottleneck=self.bottleneck, hidden=self.hidden_size,
-            activation=canonical_activation(ac.non_linearity), original_ln_before=ac.original_ln_before,
-            original_ln_after=ac.original_ln_after, residual_before_ln=ac.residual_before_ln,
-            ln_eps=eps, layer_norm=norm is not None,
-        )
-        if fusion is None:
-            return LayerSpec(n_adapters=self.n_adapters, fusion=False,
-                             active=self.adapter_names.index(self.active_adapter),
-                             adapter_dropout=float(ac.dropout) if self.training else 0.0, **common)
-        fc = fusion.config
-        return LayerSpec(
-            n_adapters=len(fusion.adapter_names), fusion=True, query=fc.query, key=fc.key, value=fc.value,
-            query_before_ln=fc.query_before_ln, residual_before=fc.residual_before,
-            score_dropout=fusion.score_dropout, **common,
-        )
+        return compiler.block_spec(self, fusion if fusion is not None else self.fusion)
 
     def params(self, fusion: Optional[AdapterFusion] = None) -> FusionParams:
         """The tensors of the active setup (or of ``fusion``): the adapters it mixes (sliced,
         differentiably, when it mixes a subset), its query/key/value, the site's norm."""
-        fusion = fusion if fusion is not None else self.fusion
-        norm = self.site_norm()
-        g = lambda m, a: None if m is None else getattr(m, a)  # noqa: E731
-        custom = norm is not None and not isinstance(norm, nn.LayerNorm)
-        P = FusionParams(
-            ln_weight=None if norm is None else norm.weight, ln_bias=None if norm is None else norm.bias,
-            down_weight=self.down_weight, down_bias=self.down_bias, up_weight=self.up_weight, up_bias=self.up_bias,
-            norm_module=norm if custom else None,
-        )
-        if fusion is None:
-            return P
-        P = P.replace(query_weight=g(fusion.query, "weight"), query_bias=g(fusion.query, "bias"),
-                      key_weight=g(fusion.key, "weight"), key_bias=g(fusion.key, "bias"),
-                      value_weight=g(fusion.value, "weight"))
-        idx = self._fusion_indices(fusion)
-        return P if idx is None else P.select(torch.tensor(idx, device=self.down_weight.device))
-
-    def _fold_sources(self, fusion: AdapterFusion) -> List[torch.Tensor]:
-        return [getattr(self, n) for n in _ADAPTER_PARAMS] + list(fusion.parameters())
+        return compiler.fusion_params(self, fusion if fusion is not None else self.fusion)
 
     def folded_weights(self, fusion: Optional[AdapterFusion] = None) -> FoldedWeights:
         """Inference weights of a fusion (default: the active one) with the frozen products folded;
@@ -386,24 +357,41 @@ class FusedAdapterBlock(nn.Module):
         fusion = fusion if fusion is not None else self.fusion
         if fusion is None:
             raise ValueError("folded weights belong to a fusion; this block runs a single adapter")
-        name = next(k for k, f in self.fusions.items() if f is fusion)
-        key = tuple((t.data_ptr(), t._version, t.dtype, t.device, t.shape) for t in self._fold_sources(fusion))
-        hit = self._folded.get(name)
-        if hit is None or hit[0] != key:
-            hit = (key, fold_weights(self.params(fusion), self.spec(fusion)))
-            self._folded[name] = hit
-        return hit[1]
+        return compiler.folded_weights(self, fusion)
 
     def cached_folded(self) -> Optional[FoldedWeights]:
         """The active fusion's folded weights if a no-grad forward has folded them (else None)."""
-        hit = self._folded.get(self.active_fusion) if self.active_fusion is not None else None
-        return None if hit is None else hit[1]
+        return self._folded.peek(self.active_fusion) if self.active_fusion is not None else None
 
     def invalidate_folded(self) -> "FusedAdapterBlock":
         """Drop the folded inference weights; the next no-grad forward folds afresh."""
-        self._folded = {}
-        self.__dict__.pop("_routed_folded", None)  # afkern.routing's folds over all adapters
+        self._folded.clear()
+        self._routed_cache.clear()
         return self
+
+    # ------------------------------------------------------------------ recorded fusion weights
+    @property
+    def fusion_weights(self) -> Optional[torch.Tensor]:
+        """The softmax weights [..., N] of this thread's last forward of the block while
+        ``record_fusion_weights`` was on (detached, on the device), or None. Per thread: a forward
+        in another thread does not replace it."""
+        rec = _records().get(self)
+        return None if rec is None else rec[0]
+
+    @fusion_weights.setter
+    def fusion_weights(self, weights: Optional[torch.Tensor]) -> None:
+        self.record(weights)
+
+    @property
+    def fusion_route(self):
+        """The route of this thread's last recorded forward (``afkern.compiler.RecordedRoute``), or
+        None after a plain forward."""
+        rec = _records().get(self)
+        return None if rec is None else rec[1]
+
+    def record(self, weights: Optional[torch.Tensor], route=None) -> None:
+        """Record a forward's fusion weights (and its route) for this thread."""
+        _records()[self] = (weights, route)
 
     def train(self, mode: bool = True) -> "FusedAdapterBlock":
         self.invalidate_folded()
@@ -452,14 +440,6 @@ class FusedAdapterBlock(nn.Module):
         ones = torch.ones(tokens, len(fusion.adapter_names), device=device, dtype=torch.float32)
         return nn.functional.dropout(ones, rate, training=True)
 
-    def _needs_grad(self, fusion: AdapterFusion) -> bool:
-        """Whether the fusion's weights must stay unfolded: they need gradients now, or they are
-        trainable and the block is training (reentrant gradient checkpointing runs the training
-        forward under no_grad; it must compute what its recomputation does, and folding weights
-        that change at every step would refold at every step)."""
-        trainable = any(t.requires_grad for t in self._fold_sources(fusion))
-        return trainable and (torch.is_grad_enabled() or self.training)
-
     def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
         self._check_inputs(hidden_states, input_tensor)
         h = self.dropout(self.dense(hidden_states)) if self.wraps_output else hidden_states
@@ -468,35 +448,9 @@ class FusedAdapterBlock(nn.Module):
     def adapter_forward(self, h: torch.Tensor, residual_input: torch.Tensor) -> torch.Tensor:
         """AdapterHub's ``bottleneck_layer_forward(h, residual_input, layer_norm)`` for the active
         setup, with this site's norm; h, residual_input [..., d] -> [..., d]. Under
-        ``afkern.route(...)`` each sequence runs through its own fusion or adapter instead."""
-        if not torch.compiler.is_compiling():
-            route = current_route(self)
-            if route is not None:
-                from .routing import routed_forward
-
-                return routed_forward(self, h, residual_input, route)
-        d = self.hidden_size
-        lead = h.shape[:-1]
-        h2 = h.reshape(-1, d)
-        x2 = residual_input.reshape(-1, d)
-        fusion = self.fusion
-        spec = self.spec(fusion)
-        backend = REGISTRY[resolve_backend(self._backend, h2.device, spec, h2.dtype)]
-        inv_t, score_scale, prior, folded = 1.0, None, None, None
-        if fusion is not None:
-            inv_t = 1.0 / fusion.begin_forward()
-            if self.training and fusion.score_dropout > 0:
-                score_scale = self.score_dropout_scale(h2.shape[0], h2.device)
-            if self.fusion_control is not None:
-                prior, inv_t = self.fusion_control.row_inputs(spec.n_adapters, inv_t, h2.device, h2.dtype)
-            # the fold cache keys on data pointers, which torch.compile cannot trace (fullgraph):
-            # compiled graphs run the unfolded layer and let the compiler plan the GEMMs
-            if backend.folds and not self._needs_grad(fusion) and not torch.compiler.is_compiling():
-                folded = self.folded_weights(fusion)
-        out, probs = backend.layer(h2, x2, self.params(fusion), spec, inv_t, score_scale, folded, prior)
-        if self.record_fusion_weights and probs is not None:
-            self.fusion_weights = probs.detach().reshape(*lead, spec.n_adapters)
-        return out.reshape(*lead, d)
+        ``afkern.route(...)`` each sequence runs through its own fusion or adapter instead
+        (``afkern.compiler.forward``: the setup becomes a segment plan of the one layer)."""
+        return compiler.forward(self, h, residual_input)
 
     def extra_repr(self) -> str:
         setup = f"fusion={self.active_fusion!r}" if self.fusion is not None else f"adapter={self.active_adapter!r}"

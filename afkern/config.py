@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Union
 
-from .activations import canonical_activation
+from .ops.activations import canonical_activation
 
 __all__ = ["AdapterConfig", "FusionConfig"]
 

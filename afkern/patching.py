@@ -18,7 +18,7 @@ from .backends import check_name
 from .block import FusedAdapterBlock, check_adapter_names
 from .config import FusionConfig, load_adapter_config
 from .families import family_of
-from .pretrained import track_model
+from .record import track_model
 from .model import fused_blocks, install
 from .sites import Family, Slot, _get, install_sites, slots_of
 

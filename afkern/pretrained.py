@@ -29,10 +29,8 @@ built, and the model is returned only once it is complete.
 
 from __future__ import annotations
 
-import copy
 import os
 import warnings
-import weakref
 from typing import Dict, List, Optional
 
 import torch
@@ -41,116 +39,13 @@ import torch.nn as nn
 from ._io import read_json
 from .backends import check_name
 from .config import AdapterConfig, FusionConfig
-from .fusion import attach_temperature_clock
 from .model import fused_blocks, structure_kwargs
+from .record import CONFIG_KEY, FORMAT, base_prefix, describe_setup, track_model
+from .weights import read_tensors
 
 __all__ = ["from_pretrained", "describe_setup", "track_model", "FORMAT"]
 
-#: The version of the ``config.afkern`` record written by this afkern.
-FORMAT = 1
-CONFIG_KEY = "afkern"
 _WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-
-
-# ---------------------------------------------------------------------------------- the record
-def _base_prefix(model: nn.Module) -> str:
-    """``"bert."`` for a head model whose base model is ``model.bert``, "" for a base model."""
-    base = getattr(model, "base_model", model)
-    if base is model:
-        return ""
-    for name, m in model.named_children():
-        if m is base:
-            return name + "."
-    return ""
-
-
-def _placement(cfg: AdapterConfig) -> dict:
-    d = cfg.to_dict()
-    for k in ("init_weights", "init_weights_seed"):  # how new adapters start: not the computation
-        d.pop(k)
-    return d
-
-
-def describe_setup(model: nn.Module) -> dict:
-    """The afkern setup of a patched model, as recorded in ``config.afkern`` (JSON-serialisable;
-    see the module docstring). Block names are relative to the base model (``encoder.layer.0.output``
-    for a BERT with or without a head), so a record is readable by the base class and its heads."""
-    blocks = list(fused_blocks(model))
-    if not blocks:
-        raise ValueError(f"{type(model).__name__} has no FusedAdapterBlock; nothing to record")
-    prefix = _base_prefix(model)
-    first = blocks[0][1]
-    acfg = first.adapter_config
-    out = {"format": FORMAT, "afkern_version": _version(), "adapter_config": acfg.to_dict(),
-           "backend": first.backend, "blocks": {}}
-    base = getattr(model, "base_model", model)
-    if hasattr(base, "pooler"):  # built without it (add_pooling_layer=False): rebuild it so
-        out["pooler"] = base.pooler is not None
-    for qual, b in blocks:
-        if _placement(b.adapter_config) != _placement(acfg):
-            raise ValueError(f"{qual} has another adapter placement or width than {blocks[0][0]}; a patched "
-                             "model holds one adapter configuration")
-        name = qual[len(prefix):] if prefix and qual.startswith(prefix) else qual
-        entry = {
-            "adapters": list(b.adapter_names),
-            "fusions": [{"name": k, "adapters": list(f.adapter_names), "config": f.config.to_dict(),
-                         "score_dropout": f.score_dropout, "temperature": f.temperature}
-                        for k, f in b.fusions.items()],
-            "active": {"fusion": b.active_fusion} if b.active_fusion is not None else {"adapter": b.active_adapter},
-        }
-        if b.backend != out["backend"]:
-            entry["backend"] = b.backend
-        out["blocks"][name] = entry
-    return out
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__
-
-
-class LiveSetup(dict):
-    """``config.afkern`` of a patched model. As a dict it holds the setup recorded when it was
-    attached; every copy of it (``PretrainedConfig.to_dict`` deep-copies the config, which
-    ``save_pretrained`` and ``Trainer.save_model`` call) and every pickle is the model's setup at
-    that moment (:func:`describe_setup`). It keeps a weak reference to the model; a deep copy of
-    the whole model gets one that follows the copy."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__(describe_setup(model))
-        self._model = weakref.ref(model)
-
-    def current(self) -> dict:
-        model = self._model()
-        if model is None or next(fused_blocks(model), None) is None:
-            return dict(self)  # the model is gone, or its blocks were removed: the last record
-        return describe_setup(model)
-
-    def __deepcopy__(self, memo):
-        model = self._model()
-        twin = memo.get(id(model)) if model is not None else None
-        if twin is not None:  # copy.deepcopy(model): the copy's config follows the copied model
-            new = LiveSetup.__new__(LiveSetup)
-            dict.update(new, copy.deepcopy(dict(self), memo))
-            new._model = weakref.ref(twin)
-            return new
-        return copy.deepcopy(self.current(), memo)
-
-    def __reduce__(self):
-        return (dict, (self.current(),))
-
-
-def track_model(model: nn.Module) -> nn.Module:
-    """Everything a patched model carries at model level: the temperature clock (the fusion
-    temperature moves with the model's forwards, never with a recomputation;
-    :func:`afkern.fusion.attach_temperature_clock`) and
-    the live ``config.afkern`` record. afkern's patch and load functions call it; idempotent."""
-    attach_temperature_clock(model)
-    cfg = getattr(model, "config", None)
-    if cfg is not None and hasattr(cfg, "to_dict") and next(fused_blocks(model), None) is not None:
-        setattr(cfg, CONFIG_KEY, LiveSetup(model))
-    return model
 
 
 # ---------------------------------------------------------------------------------- loading
@@ -160,15 +55,13 @@ def _read_json(path: str) -> dict:
 
 def _read_state_dict(path: str) -> Dict[str, torch.Tensor]:
     """The saved state dict (single file or shards), safetensors preferred; never unpickles code."""
-    from .adapterhub import _read_tensors  # safetensors, or torch.load(weights_only=True)
-
     present = [n for n in _WEIGHTS if os.path.exists(os.path.join(path, n))]
     if not present:
         raise FileNotFoundError(f"{path} has no weights ({', '.join(_WEIGHTS)}); expected a directory written "
                                 "by save_pretrained")
     name = present[0]
     if not name.endswith(".index.json"):
-        return _read_tensors(os.path.join(path, name))
+        return read_tensors(os.path.join(path, name))
     index = _read_json(os.path.join(path, name))
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
@@ -179,7 +72,7 @@ def _read_state_dict(path: str) -> Dict[str, torch.Tensor]:
         raise ValueError(f"{path}/{name} names shard files outside the directory: {bad[:3]}")
     sd: Dict[str, torch.Tensor] = {}
     for s in shards:
-        sd.update(_read_tensors(os.path.join(path, s)))
+        sd.update(read_tensors(os.path.join(path, s)))
     missing = sorted(set(weight_map) - set(sd))
     if missing:
         raise ValueError(f"the shards of {path} lack {missing[:3]}{' ...' if len(missing) > 3 else ''} listed in {name}")
@@ -234,7 +127,7 @@ def _rebuild(model: nn.Module, rec: dict, backend: Optional[str]) -> nn.Module:
     acfg = AdapterConfig.from_dict(rec["adapter_config"])
     model_backend = rec.get("backend", "auto") if backend is None else backend
     patch_model(model, _union(rec), adapter_config=acfg, fusion_config=False, backend=check_name(model_backend))
-    prefix = _base_prefix(model)
+    prefix = base_prefix(model)
     have = {(q[len(prefix):] if prefix and q.startswith(prefix) else q): (q, b) for q, b in fused_blocks(model)}
     if set(have) != set(rec["blocks"]):
         lost, extra = sorted(set(rec["blocks"]) - set(have)), sorted(set(have) - set(rec["blocks"]))
@@ -266,7 +159,7 @@ def _load_weights(model: nn.Module, sd: Dict[str, torch.Tensor], saved_class: Op
     """Load ``sd`` strictly: every key must fit; keys missing are allowed only for weights tied to
     a loaded one, or for a head the saved model did not have (loading into another class)."""
     own = model.state_dict(keep_vars=True)
-    prefix = _base_prefix(model) or f"{getattr(model, 'base_model_prefix', '')}."
+    prefix = base_prefix(model) or f"{getattr(model, 'base_model_prefix', '')}."
     if prefix != "." and not any(k.startswith(prefix) for k in sd) and any(k.startswith(prefix) for k in own):
         sd = {prefix + k: v for k, v in sd.items()}  # a base model's checkpoint into a head class
     elif prefix != "." and any(k.startswith(prefix) for k in sd) and not any(k.startswith(prefix) for k in own):

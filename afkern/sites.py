@@ -26,13 +26,15 @@ second input, positional or by keyword).
 Hooks are callable objects holding their :class:`LayerHooks` (no closures), so they survive
 ``copy.deepcopy`` (the copy's hooks point at the copy's blocks), pickling, ``model.to()`` and
 ``load_state_dict``, and ``torch.compile`` traces them. Per-layer-call state (the tapped tensors,
-call counters) lives on the ``LayerHooks`` and is reset by a pre-hook on the layer, so layers that
-run several times per forward (ALBERT's shared layer, gradient-checkpoint recomputation) work, and
-cleared when the layer returns.
+call counters) is per thread (``LayerHooks.state``, a ``threading.local``, as AdapterHub keeps its
+forward context per thread), so several threads can call one model at once; it is reset by a
+pre-hook on the layer, so layers that run several times per forward (ALBERT's shared layer,
+gradient-checkpoint recomputation) work, and cleared when the layer returns.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -389,13 +391,31 @@ class LayerHooks:
         self.family = family.name
         self.where = where
         self.sites: Tuple[Site, ...] = tuple(sites)
-        self.state: Dict[Any, Any] = {}
+        self._local = threading.local()
         self.dropout_attr: Optional[str] = None
         self.dropout_rate = 0.0
         self._handles: List[Any] = []
         self.actions: Dict[str, Dict[str, list]] = {}
         self.counted: Dict[str, bool] = {}
         self._plan(family)
+
+    @property
+    def state(self) -> Dict[Any, Any]:
+        """This thread's state of the current layer call (taps, call counters, site outputs): a
+        concurrent call of the same layer in another thread has its own."""
+        st = getattr(self._local, "state", None)
+        if st is None:
+            st = self._local.state = {}
+        return st
+
+    def __getstate__(self):  # deepcopy / pickle: the per-thread state does not travel
+        d = dict(self.__dict__)
+        d.pop("_local", None)
+        return d
+
+    def __setstate__(self, d):
+        self.__dict__.update(d)
+        self._local = threading.local()
 
     # the plan: per module path, pre-hook and post-hook actions in the order they must run
     def _plan(self, family: Family) -> None:

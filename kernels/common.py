@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..activations import activation_code
+from ..ops.activations import activation_code
 
 __all__ = ["INTERPRET", "act_code", "arch", "num_sms"]
 

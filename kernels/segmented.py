@@ -1,4 +1,4 @@
-"""Segmented GEMMs of the routed layer (docs/DESIGN.md section 7, ``afkern.ops.routed``): one launch
+"""Segmented GEMMs of the routed layer (docs/DESIGN.md section 7, ``afkern.ops.segments``): one launch
 serves every fusion of a mixed batch.
 
 The rows of X are sorted by route, so segment k (fusion k's tokens) is the row range
@@ -30,8 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops.cache import Cache
 from ..ops.limits import MAX_INDEX
-from ..ops.routed import strided_stack
+from ..ops.segments import strided_stack
 from .common import INTERPRET, mma
 
 __all__ = ["seg_mm_triton", "seg_tiles", "wgrad_tiles", "SegMMTriton"]
@@ -206,8 +207,8 @@ class SegMMTriton(torch.autograd.Function):
         return dx, dW, db, dbase, None
 
 
-_STACKS: dict = {}
-_MAX_STACKS = 16
+#: keyed on storage and version counters, built under a lock (one model, many threads)
+_STACKS = Cache(limit=16)
 
 
 def _stack(ts: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -217,18 +218,13 @@ def _stack(ts: Sequence[torch.Tensor]) -> torch.Tensor:
     if torch.is_grad_enabled() and any(t.requires_grad for t in ts):
         return torch.stack(list(ts))
     key = tuple((t.data_ptr(), t._version, tuple(t.shape), tuple(t.stride()), t.dtype, t.device) for t in ts)
-    hit = _STACKS.get(key)
-    if hit is None:
-        if len(_STACKS) >= _MAX_STACKS:
-            _STACKS.pop(next(iter(_STACKS)))
-        hit = _STACKS[key] = (torch.stack(list(ts)), list(ts))
-    return hit[0]
+    return _STACKS.get(key, lambda: (torch.stack(list(ts)), list(ts)))[0]
 
 
 def seg_mm_triton(x: torch.Tensor, weights: Sequence[Optional[torch.Tensor]], plan,
                   biases: Optional[Sequence[Optional[torch.Tensor]]] = None,
                   base: Optional[torch.Tensor] = None, accumulate: bool = False) -> torch.Tensor:
-    """The segmented GEMM primitive of the routed layer (``afkern.ops.routed.seg_mm_torch``'s
+    """The segmented GEMM primitive of the routed layer (``afkern.ops.segments.seg_mm_torch``'s
     signature): ``out[s:e] = base[s:e] + x[s:e] @ weights[k] + biases[k]`` for every segment k, in
     ONE kernel launch (a None weight is the identity). x [T, K] and the weights share a dtype.
     ``accumulate`` is accepted and not needed: the kernel reads ``base`` in its epilogue."""

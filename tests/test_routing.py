@@ -1,5 +1,5 @@
 """Several fusions over one adapter set, routed per sequence in one batch (afkern.routing,
-afkern/ops/routed.py, docs/DESIGN.md section 7).
+the one layer ``afkern.ops.layer.fusion_layer`` over a segment plan, docs/DESIGN.md section 7).
 
 The judge: a routed output equals each sequence run alone with its fusion active (float64, 1e-9
 relative), forward and every gradient, on every backend; the triton backend (interpreter) and the
@@ -9,15 +9,15 @@ cuda backend's primitives (CPU kernels of its custom ops) at float32 tolerance a
 from __future__ import annotations
 
 import copy
-import dataclasses
 import os
 
 import pytest
 import torch
 
 import afkern
-from afkern.ops.routed import route_plan, seg_mm_torch
-from afkern.routing import block_params, routed_inputs, routed_spec
+from afkern.compiler import adapter_segments, block_params, routed_folds, routed_spec, segments, single_spec
+from afkern.ops.layer import fusion_layer
+from afkern.ops.segments import SegmentPlan, route_plan, seg_mm_torch
 from conftest import perturb_, rel_err
 
 torch.set_grad_enabled(True)
@@ -208,8 +208,8 @@ def test_no_grad_uses_folded_maps_and_refolds_after_a_step():
     with torch.no_grad(), afkern.route(m, fusion=route):
         m(ids, attention_mask=mask)
     blk = next(afkern.fused_blocks(m))[1]
-    folds = blk.__dict__["_routed_folded"]["folds"]
-    assert list(folds) == list(blk.fusions)  # every fusion folded into one stack per map
+    folds = dict(zip(blk.fusions, routed_folds(blk, list(blk.fusions))))
+    assert routed_folds(blk, ["tri"])[0] is folds["tri"]  # cached, one stack per map
     assert folds["tri"].w_q.data_ptr() - folds["sub"].w_q.data_ptr() == folds["sub"].w_q.numel() * 8
     with torch.no_grad():
         blk.fusions["tri"].query.weight.mul_(1.5)  # a version bump: the cached fold must not be used
@@ -217,8 +217,9 @@ def test_no_grad_uses_folded_maps_and_refolds_after_a_step():
             out = m(ids, attention_mask=mask).last_hidden_state
         ref = _alone(m, ids, mask, route)
     assert rel_err(out, ref) < 1e-9
+    again = routed_folds(blk, ["sub"])[0]
     blk.invalidate_folded()
-    assert "_routed_folded" not in blk.__dict__
+    assert routed_folds(blk, ["sub"])[0] is not again  # dropped: folded afresh
 
 
 def test_autocast_routed_equals_alone_in_bf16():
@@ -460,10 +461,9 @@ def test_kernel_backends_routed_layer_match_reference(which, grad):
         from afkern.backends import triton_ops as mod
     else:
         from afkern.backends import cuda_ops as _c
-        from afkern.ops.routed import routed_fusion_layer
 
-        mod = type("M", (), {"routed_layer": staticmethod(
-            lambda h, x, P, spec, plan, fs: routed_fusion_layer(h, x, P, spec, plan, fs, _c.PRIMITIVES))})
+        mod = type("M", (), {"layer": staticmethod(
+            lambda h, x, P, spec, plan: fusion_layer(h, x, P, spec, _c.PRIMITIVES, plan=plan))})
     b64 = _block()
     b32 = copy.deepcopy(b64).float()
     route = ["tri", "sub", "a,b,c,d", "qbl", "rb", "tri", "rev", "hot", "sub", "tri", "rb", "qbl", "sub"]
@@ -475,8 +475,8 @@ def test_kernel_backends_routed_layer_match_reference(which, grad):
             f.temperature = 7.0 if f.config.temperature else 1.0
         fold = not grad
         with torch.set_grad_enabled(grad):
-            fs = routed_inputs(block, plan, device, fold, with_params=with_params)
-            out, p = layer(h, x, P, spec, plan, fs)
+            fs = segments(block, plan, device, fold, with_params=with_params)
+            out, p = layer(h, x, P, spec, plan=SegmentPlan(plan, fs))
             grads = None
             if grad:
                 w = torch.randn(out.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64).to(dtype)
@@ -485,11 +485,11 @@ def test_kernel_backends_routed_layer_match_reference(which, grad):
                 grads = [t.cpu() for t in torch.autograd.grad((out * w.to(device)).sum(), leaves)]
         return out.detach().cpu(), p.detach().cpu(), grads
 
-    ref = run(b64, torch.float64, reference.routed_layer, with_params=True)
-    fast64 = run(b64, torch.float64, torch_ops.routed_layer)
+    ref = run(b64, torch.float64, reference.layer, with_params=True)
+    fast64 = run(b64, torch.float64, torch_ops.layer)
     assert rel_err(fast64[0], ref[0]) < 1e-9 and rel_err(fast64[1], ref[1]) < 1e-9
-    base = run(b32, torch.float32, torch_ops.routed_layer)
-    got = run(copy.deepcopy(b32), torch.float32, mod.routed_layer, device=KDEV)
+    base = run(b32, torch.float32, torch_ops.layer)
+    got = run(copy.deepcopy(b32), torch.float32, mod.layer, device=KDEV)
     for a, bb, r in [(got[0], base[0], ref[0]), (got[1], base[1], ref[1])] + (
             list(zip(got[2], base[2], ref[2])) if grad else []):
         assert rel_err(a, r) <= 2 * rel_err(bb, r) + 1e-5, (rel_err(a, r), rel_err(bb, r))
@@ -505,16 +505,14 @@ def test_triton_routed_adapter_layer_matches_torch():
     plan_k = route_plan([ADAPTERS.index(r) for r in route], ADAPTERS, 1, KDEV)
     bk = copy.deepcopy(b).to(KDEV)
     adapters = [ADAPTERS.index(n) for n in plan.names]
-    from afkern.routing import single_spec
-
-    spec = dataclasses.replace(single_spec(b), active=adapters[0])
+    spec = single_spec(b, adapters[0])
     g = torch.Generator().manual_seed(2)
     h = torch.randn(7, 24, generator=g, requires_grad=True)
     x = torch.randn(7, 24, generator=g)
     outs = []
     for mod, blk, pl, dev in ((torch_ops, b, plan, "cpu"), (triton_ops, bk, plan_k, KDEV)):
         hd = h.detach().to(dev).requires_grad_(True)
-        o = mod.routed_adapter_layer(hd, x.to(dev), block_params(blk), spec, pl, adapters)
+        o, _ = mod.layer(hd, x.to(dev), block_params(blk), spec, plan=SegmentPlan(pl, adapter_segments(spec, adapters)))
         gh, gw = torch.autograd.grad(o.pow(2).sum(), [hd, blk.up_weight])
         outs.append((o.cpu(), gh.cpu(), gw.cpu()))
     for a, c in zip(*outs):

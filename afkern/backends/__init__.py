@@ -15,8 +15,9 @@ auto           the fastest measured backend that can run on the device         a
 Each backend is one :class:`Backend` record: whether it can run on a device and why not
 (``status``), what it supports (dtypes, adapter count, activations; the kernel limits come from
 ``afkern.ops.limits``), and its layer function, with the common signature
-``layer(h, input_tensor, P, spec, inv_temperature, score_scale, folded, prior) -> (out, probs)``
-on 2-D inputs. Every backend takes the fusion controls and routing (they are inputs of the row op,
+``layer(h, input_tensor, P, spec, inv_temperature, score_scale, folded, prior, plan=None) -> (out,
+probs)`` on 2-D inputs; ``plan`` (``afkern.ops.segments.SegmentPlan``) routes the tokens through
+several fusions or adapters in one call, the plain forward being its one-segment case. Every backend takes the fusion controls and routing (they are inputs of the row op,
 docs/DESIGN.md section 5).
 
 A backend asked for by name that cannot run raises (RuntimeError: not on this device, with how to
@@ -33,7 +34,7 @@ from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple
 
 import torch
 
-from ..ops.limits import KERNEL_ACTIVATIONS, KERNEL_DTYPES, MAX_ADAPTERS
+from ..ops.limits import KERNEL_ACTIVATIONS, KERNEL_DTYPES, MAX_ADAPTERS, MAX_LN_WIDTH
 from . import reference, torch_ops
 
 __all__ = ["Backend", "BACKENDS", "REGISTRY", "available_backends", "resolve_backend", "resolve_routed",
@@ -51,8 +52,9 @@ class Backend:
     dtypes: Optional[Tuple[torch.dtype, ...]] = None  # None: any floating dtype
     max_adapters: Optional[int] = None
     activations: Optional[FrozenSet[str]] = None  # None: every activation afkern knows
+    max_ln_width: Optional[int] = None  # widest LayerNorm its add + norm kernel takes (None: any)
     folds: bool = True  # uses folded weights at inference
-    routes: bool = True  # has ``routed_layer`` / ``routed_adapter_layer`` (several fusions per batch)
+    routes: bool = True  # its ``layer`` takes a segment plan of several fusions (or adapters) per batch
 
     def status(self, device: torch.device) -> Tuple[bool, str]:
         try:
@@ -65,24 +67,18 @@ class Backend:
     def layer(self) -> Callable:
         return self.load().layer
 
-    @property
-    def routed_layer(self) -> Callable:
-        """``routed_layer(h, input_tensor, P, spec, plan, fusions) -> (out, probs)``: a batch routed
-        over several fusions (``afkern.ops.routed``, docs/DESIGN.md section 7)."""
-        return self.load().routed_layer
-
-    @property
-    def routed_adapter_layer(self) -> Callable:
-        """``routed_adapter_layer(h, input_tensor, P, spec, plan, adapters) -> out``: one adapter per token."""
-        return self.load().routed_adapter_layer
-
     def unsupported(self, spec=None, dtype: Optional[torch.dtype] = None) -> Optional[str]:
         """Why this backend cannot compute a block ``spec`` in ``dtype``, or None if it can."""
         if dtype is not None and self.dtypes is not None and dtype not in self.dtypes:
             names = [str(d).replace("torch.", "") for d in self.dtypes]
             names = " and ".join([", ".join(names[:-1]), names[-1]]) if len(names) > 1 else names[0]
             return f"backend {self.name!r} computes in {names}; got {dtype}"
-        if spec is None or not spec.fusion:
+        if spec is None:
+            return None
+        if self.max_ln_width is not None and spec.layer_norm and spec.hidden > self.max_ln_width:
+            return (f"backend {self.name!r} normalises rows of at most {self.max_ln_width} values in its add + "
+                    f"LayerNorm kernel, this block's width is {spec.hidden}")
+        if not spec.fusion:
             return None
         if self.max_adapters is not None and spec.n_adapters > self.max_adapters:
             return (f"backend {self.name!r} fuses at most {self.max_adapters} adapters per block, this block has "
@@ -104,7 +100,7 @@ REGISTRY: Dict[str, Backend] = {
     "torch": Backend("torch", lambda: torch_ops),
     # imported on first use: they need triton, or register custom ops
     "triton": Backend("triton", _lazy("triton_ops"), **_KERNELS),
-    "cuda": Backend("cuda", _lazy("cuda_ops"), **_KERNELS),
+    "cuda": Backend("cuda", _lazy("cuda_ops"), max_ln_width=MAX_LN_WIDTH, **_KERNELS),
 }
 
 # The order in which ``auto`` tries backends on a CUDA device. The kernel backends enter it only

@@ -44,13 +44,12 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..activations import activation_code
+from ..ops.activations import activation_code
 from ..ops.layer import Primitives, fusion_layer
 from ..ops.limits import KERNEL_ACTIVATIONS, MAX_ADAPTERS
 from ..ops.rowop import rowop_backward, rowop_forward
 
-__all__ = ["extension_status", "status", "rowop", "add_layer_norm", "PRIMITIVES", "layer", "routed_layer",
-           "routed_adapter_layer"]
+__all__ = ["extension_status", "status", "rowop", "add_layer_norm", "PRIMITIVES", "layer"]
 
 _CODE_TO_NAME = {code: name for name, code in KERNEL_ACTIVATIONS.items()}
 
@@ -374,39 +373,14 @@ def status(device: torch.device) -> Tuple[bool, str]:
 PRIMITIVES = Primitives(rowop=rowop, add_norm=add_layer_norm, uniform_dtype=True)
 
 
-def layer(h, input_tensor, P, spec, inv_temperature=1.0, score_scale=None, folded=None, prior=None):
+def layer(h, input_tensor, P, spec, inv_temperature=1.0, score_scale=None, folded=None, prior=None, plan=None):
     """h, input_tensor [T, d] on CUDA, float32 / bfloat16 / float16: the layer of
     ``afkern.ops.layer`` with the row op and the residual-add LayerNorms on afkern's CUDA kernels
-    (GEMMs stay on cuBLAS). Returns (out [T, d], probs [T, N] float32 or None)."""
+    (GEMMs, the segmented ones of a routed batch included, stay on cuBLAS). Returns (out [T, d],
+    probs [T, N] float32 or None)."""
     ok, why = extension_status()
     if not ok:
         raise RuntimeError(f"backend 'cuda' cannot run: {why}")
     if h.device.type != "cuda":
         raise RuntimeError(f"backend 'cuda' runs on CUDA tensors; got tensors on {h.device.type}")
-    return fusion_layer(h, input_tensor, P, spec, PRIMITIVES, inv_temperature, score_scale, folded, prior)
-
-
-def _check_device(h):
-    ok, why = extension_status()
-    if not ok:
-        raise RuntimeError(f"backend 'cuda' cannot run: {why}")
-    if h.device.type != "cuda":
-        raise RuntimeError(f"backend 'cuda' runs on CUDA tensors; got tensors on {h.device.type}")
-
-
-def routed_layer(h, input_tensor, P, spec, plan, fusions):
-    """Several fusions in one batch (``afkern.ops.routed``): the shared Z GEMM and the segmented
-    GEMMs on cuBLAS, the row op (per-token prior and score scale) and the residual-add LayerNorms
-    on afkern's CUDA kernels. Returns (out [T, d], probs [T, N] float32)."""
-    _check_device(h)
-    from ..ops.routed import routed_fusion_layer
-
-    return routed_fusion_layer(h, input_tensor, P, spec, plan, fusions, PRIMITIVES)
-
-
-def routed_adapter_layer(h, input_tensor, P, spec, plan, adapters):
-    """One adapter per token: segmented cuBLAS GEMMs, afkern's residual-add LayerNorm."""
-    _check_device(h)
-    from ..ops.routed import routed_adapter_layer as _routed_adapter
-
-    return _routed_adapter(h, input_tensor, P, spec, plan, adapters, PRIMITIVES)
+    return fusion_layer(h, input_tensor, P, spec, PRIMITIVES, inv_temperature, score_scale, folded, prior, plan)

@@ -9,27 +9,18 @@ from __future__ import annotations
 
 from ..ops.layer import Primitives, fusion_layer
 from ..ops.prologue import add_layer_norm_torch, layer_norm_torch
-from ..ops.routed import routed_adapter_layer as _routed_adapter, routed_fusion_layer
 from ..ops.rowop import rowop_torch
+from ..ops.segments import seg_mm_torch
 
-__all__ = ["PRIMITIVES", "layer", "routed_layer", "routed_adapter_layer", "status"]
+__all__ = ["PRIMITIVES", "layer", "status"]
 
-PRIMITIVES = Primitives(rowop=rowop_torch, add_norm=add_layer_norm_torch, norm=layer_norm_torch)
+#: segmented GEMMs of a routed batch: a loop of torch GEMMs over the segments
+PRIMITIVES = Primitives(rowop=rowop_torch, add_norm=add_layer_norm_torch, norm=layer_norm_torch, seg_mm=seg_mm_torch)
 
 
 def status(device):
     return True, "ok"
 
 
-def layer(h, input_tensor, P, spec, inv_temperature=1.0, score_scale=None, folded=None, prior=None):
-    return fusion_layer(h, input_tensor, P, spec, PRIMITIVES, inv_temperature, score_scale, folded, prior)
-
-
-def routed_layer(h, input_tensor, P, spec, plan, fusions):
-    """Several fusions in one batch (``afkern.ops.routed``): segmented GEMMs as a loop of torch GEMMs
-    over the route's segments."""
-    return routed_fusion_layer(h, input_tensor, P, spec, plan, fusions, PRIMITIVES)
-
-
-def routed_adapter_layer(h, input_tensor, P, spec, plan, adapters):
-    return _routed_adapter(h, input_tensor, P, spec, plan, adapters, PRIMITIVES)
+def layer(h, input_tensor, P, spec, inv_temperature=1.0, score_scale=None, folded=None, prior=None, plan=None):
+    return fusion_layer(h, input_tensor, P, spec, PRIMITIVES, inv_temperature, score_scale, folded, prior, plan)

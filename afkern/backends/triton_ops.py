@@ -12,7 +12,7 @@ import torch
 from ..ops.layer import Primitives, fusion_layer
 from ..ops.limits import MAX_INDEX
 
-__all__ = ["primitives", "layer", "routed_layer", "routed_adapter_layer", "status"]
+__all__ = ["primitives", "layer", "status"]
 
 
 def status(device: torch.device):
@@ -40,40 +40,20 @@ def primitives() -> Primitives:
         from ..kernels.add_norm import add_layer_norm_triton
         from ..kernels.fusion_core import fusion_core_triton
         from ..kernels.rowop import rowop_triton
+        from ..kernels.segmented import seg_mm_triton
 
+        # a routed batch: every fusion-dependent GEMM is ONE launch of the segmented GEMM kernel
+        # over the route-sorted tokens; unfolded (training) the fused core serves it too
         _PRIMS = Primitives(rowop=rowop_triton, add_norm=add_layer_norm_triton, core=fusion_core_triton,
-                            uniform_dtype=True)
+                            seg_mm=seg_mm_triton, uniform_dtype=True)
     return _PRIMS
 
 
-def layer(h, input_tensor, P, spec, inv_temperature=1.0, score_scale=None, folded=None, prior=None):
+def layer(h, input_tensor, P, spec, inv_temperature=1.0, score_scale=None, folded=None, prior=None, plan=None):
     """h, input_tensor [T, d] on CUDA (or CPU under TRITON_INTERPRET=1), float32 / bfloat16 / float16."""
     _check(h, P)
     return fusion_layer(h.contiguous(), input_tensor.contiguous(), P, spec, primitives(), inv_temperature,
-                        score_scale, folded, prior)
-
-
-def routed_layer(h, input_tensor, P, spec, plan, fusions):
-    """Several fusions in one batch (``afkern.ops.routed``): every fusion-dependent GEMM is ONE
-    launch of the segmented GEMM kernel (``kernels/segmented.py``) over the route-sorted tokens;
-    the row op (per-token prior and score scale) and the add + LayerNorm are Triton kernels; the
-    shared Z GEMM stays on cuBLAS."""
-    _check(h, P)
-    from ..kernels.segmented import seg_mm_triton
-    from ..ops.routed import routed_fusion_layer
-
-    return routed_fusion_layer(h.contiguous(), input_tensor.contiguous(), P, spec, plan, fusions, primitives(),
-                               seg_mm_triton)
-
-
-def routed_adapter_layer(h, input_tensor, P, spec, plan, adapters):
-    """One adapter per token: the down and up projections as segmented GEMM kernels."""
-    _check(h, P)
-    from ..kernels.segmented import seg_mm_triton
-    from ..ops.routed import routed_adapter_layer as _routed_adapter
-
-    return _routed_adapter(h.contiguous(), input_tensor.contiguous(), P, spec, plan, adapters, primitives(),
-                           seg_mm_triton)
+                        score_scale, folded, prior, plan)
 
 
 def _check(h, P):

@@ -100,9 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "case instead of all of them; large GPU cases need it (default: all)")
     p.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr (log lines only)")
-    from . import multifusion
+    from . import decode, multifusion
 
     multifusion.add_arguments(p)
+    decode.add_arguments(p)
     return p
 
 
@@ -182,10 +183,16 @@ def _run(args, argv: List[str]) -> int:
     cfg = resolve_args(args)
     device = cfg["device"]
     out_dir = env.results_dir(args.output_dir, device)  # refuses another machine's folder before any work
+    if getattr(args, "multifusion", False) and getattr(args, "decode", False):
+        raise SystemExit("afkern-bench: --multifusion and --decode are separate runs; choose one")
     if getattr(args, "multifusion", False):
         from . import multifusion
 
         return multifusion.run(args, cfg, out_dir, argv)
+    if getattr(args, "decode", False):
+        from . import decode
+
+        return decode.run(args, cfg, out_dir, argv)
     import afkern
     from afkern.backends import resolve_backend
 

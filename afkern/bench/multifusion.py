@@ -98,7 +98,7 @@ def build_models(shape, n: int, k: int, layers: int, device, dtype, seed: int, w
         except Exception as exc:  # pragma: no cover - depends on the install
             why = f"the adapters package is not importable ({exc})"
         else:
-            am = _hub_copy(fm, pm, names, k)
+            am = hub_copy(fm, pm, names, k)
             why = "ok"
     fm.eval()
     for p in fm.parameters():
@@ -108,14 +108,14 @@ def build_models(shape, n: int, k: int, layers: int, device, dtype, seed: int, w
     return out[0], out[1], why, out[2]
 
 
-def _hub_copy(fm: nn.Module, pm: nn.Module, names: List[str], k: int) -> nn.Module:
-    """AdapterHub model with fm's adapters and fusions, through the directories afkern writes."""
+def hub_copy(fm: nn.Module, pm: nn.Module, names: List[str], k: int) -> nn.Module:
+    """AdapterHub model (pm's class, pm's weights) with fm's adapters and fusions f0..f{k-1},
+    through the directories afkern writes."""
     import adapters
-    from transformers import BertModel
 
     import afkern
 
-    am = BertModel(pm.config).eval()
+    am = type(pm)(pm.config).eval()
     am.load_state_dict(pm.state_dict())
     adapters.init(am)
     with tempfile.TemporaryDirectory() as tmp:

@@ -35,6 +35,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from ..backends import REGISTRY
 from .models import Setup
 
 __all__ = [
@@ -42,7 +43,7 @@ __all__ = [
     "default_providers",
 ]
 
-AFKERN_BACKENDS = ("reference", "torch", "triton", "cuda")
+AFKERN_BACKENDS = tuple(REGISTRY)  # the registry's concrete backends, in its order
 BASELINES = ("plain", "plain_layer")
 
 

@@ -14,8 +14,8 @@ and the layer then runs unfolded (``afkern.ops.layer``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 import torch
 
@@ -40,6 +40,8 @@ class FoldedWeights:
     b_q: Optional[torch.Tensor]
     w_out: torch.Tensor
     w_res: Optional[torch.Tensor]
+    #: the layer's views of these weights (``afkern.ops.layer``), made once per fold
+    core: Optional[Any] = field(default=None, repr=False, compare=False)
 
 
 def query_pullback(P: FusionParams, spec: LayerSpec):

@@ -22,8 +22,14 @@ into Wd/Wa/Ws and Wu/bu, and [Z | A | sb] is one GEMM when q is x.
 
 A backend is a :class:`Primitives`: its row op, its add + LayerNorm, optionally its separate norm
 (then the prologue forms h + input and the epilogue reuses it), and optionally a fused ``core``
-that does the three GEMMs, the row op and the mix in kernels (Triton). Without a core the layer
-runs the GEMMs in torch (cuBLAS / MKL) around ``rowop``.
+that does the three GEMMs, the row op and the mix in kernels (Triton), and its segmented GEMM.
+Without a core the layer runs the GEMMs in torch (cuBLAS / MKL) around ``rowop``.
+
+One layer, any number of segments (docs/DESIGN.md section 7): :func:`fusion_layer` takes an
+optional :class:`afkern.ops.segments.SegmentPlan`. The plain forward is its one-segment case
+(:func:`one_segment`); a routed batch sorts the tokens by fusion (or single adapter) and the
+maps that depend on the fusion become segmented GEMMs, the N-wide work staying one GEMM (or the
+backend's fused core) over every token.
 """
 
 from __future__ import annotations
@@ -34,12 +40,13 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..activations import activation_fn
+from .activations import activation_fn
 from .fold import FoldedWeights
 from .params import FusionParams, LayerSpec
 from .prologue import add_norm, norm_only, prologue
+from .segments import Segment, SegmentPlan, per_token, row_inputs, seg_mm, seg_mm_torch
 
-__all__ = ["Primitives", "CoreWeights", "fusion_layer", "gemm_core", "shared_score", "single_adapter_output"]
+__all__ = ["Primitives", "CoreWeights", "fusion_layer", "gemm_core", "one_segment"]
 
 
 @dataclass
@@ -74,6 +81,8 @@ class Primitives:
       ``h + input`` itself and the epilogue reuses it, saving an add);
     - ``core(x, q, W, shared, residual, score_scale, prior, N, r, activation, inv_temperature) ->
       (mix, p)`` or None: the fused N-wide core (else GEMMs in torch around ``rowop``);
+    - ``seg_mm(x, weights, rows, biases, base, accumulate)``: the segmented GEMM of a routed batch
+      (``afkern.ops.segments.seg_mm_torch``'s signature; default: that one);
     - ``uniform_dtype``: the kernels compute in one dtype, so the adapter and fusion parameters
       are cast to the activations' (h's) dtype first (autocast, mixed-precision weights). The
       residual stream (``input_tensor``) and the LayerNorm's weights keep theirs: ``add_norm``
@@ -86,29 +95,8 @@ class Primitives:
     add_norm: Callable
     norm: Optional[Callable] = None
     core: Optional[Callable] = None
+    seg_mm: Callable = seg_mm_torch
     uniform_dtype: bool = False
-
-
-def shared_score(query, qp, residual, P: FusionParams, spec: LayerSpec) -> torch.Tensor:
-    """[T] score term shared by all adapters: ``q . bk`` (+ ``q' . residual`` under residual_before).
-    It cancels in the softmax except under score dropout, which scales each adapter's full score."""
-    c = torch.zeros_like(qp[:, 0])
-    if spec.key:
-        q = F.linear(query, P.query_weight, P.query_bias) if spec.query else query
-        c = c + q @ P.key_bias
-    if spec.residual_before:
-        c = c + (qp * residual).sum(-1)
-    return c
-
-
-def single_adapter_output(x: torch.Tensor, residual: torch.Tensor, P: FusionParams, spec: LayerSpec) -> torch.Tensor:
-    """One active adapter without fusion (``Adapter.forward``): ``dropout(up) + residual``."""
-    n = spec.active
-    up = F.linear(activation_fn(spec.activation)(F.linear(x, P.down_weight[n], P.down_bias[n])),
-                  P.up_weight[n].t(), P.up_bias[n])
-    if spec.adapter_dropout > 0:
-        up = F.dropout(up, spec.adapter_dropout, training=True)
-    return up + residual
 
 
 def gemm_core(rowop: Callable) -> Callable:
@@ -137,13 +125,21 @@ def gemm_core(rowop: Callable) -> Callable:
     return core
 
 
-def _core_weights(P: FusionParams, spec: LayerSpec, folded: Optional[FoldedWeights]) -> CoreWeights:
+def _unfolded_weights(P: FusionParams) -> CoreWeights:
     N, r, d = P.down_weight.shape
-    NR = N * r
-    if folded is None:
-        Wd_cat, Wu_cat = P.down_weight.reshape(NR, d), P.up_weight.reshape(NR, d)
-        return CoreWeights(Wd_cat.t(), P.down_bias.reshape(NR), Wu_cat.t(), None, P.up_bias.t(), None,
-                           Wu_cat, P.up_bias)
+    Wd_cat, Wu_cat = P.down_weight.reshape(N * r, d), P.up_weight.reshape(N * r, d)
+    return CoreWeights(Wd_cat.t(), P.down_bias.reshape(N * r), Wu_cat.t(), None, P.up_bias.t(), None, Wu_cat, P.up_bias)
+
+
+def _folded_weights(folded: FoldedWeights, NR: int) -> CoreWeights:
+    """The core's weights from one fusion's :class:`FoldedWeights` (one segment over every token),
+    made once per fold (the views cost more than the GEMMs at a decoding step's single token)."""
+    if folded.core is None:
+        folded.core = _core_views(folded, NR)
+    return folded.core
+
+
+def _core_views(folded: FoldedWeights, NR: int) -> CoreWeights:
     w_out = folded.w_out
     if folded.w_q is None:
         w_in, b_in = folded.w_in, folded.b_in
@@ -153,11 +149,30 @@ def _core_weights(P: FusionParams, spec: LayerSpec, folded: Optional[FoldedWeigh
     return CoreWeights(folded.w_in, folded.b_in, w_q[:, :NR], b_q[:NR], w_q[:, NR:], b_q[NR:], w_out[:NR], w_out[NR:])
 
 
-def _cast_folded(folded: Optional[FoldedWeights], dtype) -> Optional[FoldedWeights]:
-    if folded is None or folded.w_in.dtype == dtype:
-        return folded
-    c = lambda t: None if t is None else t.to(dtype)  # noqa: E731
-    return FoldedWeights(c(folded.w_in), c(folded.b_in), c(folded.w_q), c(folded.b_q), c(folded.w_out), c(folded.w_res))
+def _t(w: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if w is None else w.t()
+
+
+def one_segment(P: FusionParams, spec: LayerSpec, inv_temperature: float = 1.0,
+                score_scale: Optional[torch.Tensor] = None, folded: Optional[FoldedWeights] = None,
+                prior: Optional[torch.Tensor] = None) -> SegmentPlan:
+    """The degenerate plan of a plain forward: one segment, the setup ``spec`` with ``P``'s maps,
+    over every token in batch order."""
+    on = lambda flag, t: t if flag else None  # noqa: E731 - a map its config turns off is not applied
+    return SegmentPlan(None, [Segment(
+        index=None, spec=spec, query_weight=on(spec.query, P.query_weight), query_bias=on(spec.query, P.query_bias),
+        key_weight=on(spec.key, P.key_weight), key_bias=on(spec.key, P.key_bias),
+        value_weight=on(spec.value, P.value_weight), inv_temperature=inv_temperature, score_scale=score_scale,
+        prior=prior, folded=folded)])
+
+
+def _flag(plan: SegmentPlan, flags, device, a, b):
+    """Per token: ``a`` where its segment's flag is set, else ``b`` (no op when all agree)."""
+    if all(flags):
+        return a
+    if not any(flags):
+        return b
+    return torch.where(per_token(plan.rows, flags, device), a, b)
 
 
 def fusion_layer(
@@ -170,15 +185,26 @@ def fusion_layer(
     score_scale: Optional[torch.Tensor] = None,
     folded: Optional[FoldedWeights] = None,
     prior: Optional[torch.Tensor] = None,
+    plan: Optional[SegmentPlan] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """One adapter site on 2-D inputs: ``h`` [T, d] (the sub-layer output AdapterHub hands its
     adapters), ``input_tensor`` [T, d] (its ``residual_input``). Returns (out [T, d], p [T, N] in the
     accumulation dtype, or None without fusion).
 
-    ``score_scale`` [T, N]: the score-dropout scale (0 or 1/(1-p)), drawn once by the caller and
-    used forward and backward; ``prior`` [N] or [T, N]: added to the tempered scores (controls,
-    routing); ``folded``: inference weights, or None to run unfolded (training).
+    Without ``plan`` every token runs the setup ``spec`` (a fusion, or the single adapter
+    ``spec.active``): ``score_scale`` [T, N] is the score-dropout scale (0 or 1/(1-p)), drawn once
+    by the caller and used forward and backward; ``prior`` [N] or [T, N] is added to the tempered
+    scores (controls); ``folded``: inference weights, or None to run unfolded (training). That is
+    the one-segment :class:`SegmentPlan` (:func:`one_segment`).
+
+    With ``plan`` (a routed batch, ``afkern.ops.segments``) ``P`` holds the block's N adapters
+    (no fusion maps), ``spec`` is the block's site (prologue, epilogue, activation; n_adapters N)
+    and ``plan.segments[k]`` serves the sorted rows ``plan.rows.bounds[k]``; p is [T, N] in block
+    adapter order, 0 outside each token's fusion. The keyword arguments are then unused.
     """
+    if plan is None:
+        plan = one_segment(P, spec, inv_temperature, score_scale, folded, prior)
+    segs = plan.segments
     if prims.uniform_dtype:
         # The kernels compute in h's dtype. Under autocast h is 16-bit while input_tensor, the
         # residual stream, is the float32 output of the previous LayerNorm: it is not rounded (the
@@ -187,56 +213,90 @@ def fusion_layer(
         # module's is. Only what feeds the GEMMs (x, the query) is cast to h's dtype.
         dt = h.dtype
         P = P.to(dt).replace(ln_weight=P.ln_weight, ln_bias=P.ln_bias)
-        folded = _cast_folded(folded, dt)
+        segs = [f.cast(dt) for f in segs]
     N, r, d = P.down_weight.shape
-    x, query, residual, pre = prologue(h, input_tensor, P, spec, prims)
+    NR = N * r
+    device = h.device
+    mm = lambda x, ws, bs=None, base=None, accumulate=False: seg_mm(prims.seg_mm, x, ws, plan, bs, base, accumulate)  # noqa: E731
+    hs, xs = plan.sort(h), plan.sort(input_tensor)
+    x, _, residual, pre = prologue(hs, xs, P, spec, prims)
     if prims.uniform_dtype:
-        xc = x.to(dt)
-        x, query = xc, (xc if query is x else query.to(dt))
+        x = x.to(dt)
+    fusion = [f.spec.fusion for f in segs]
+    if not any(fusion):  # single adapters (``Adapter.forward``): dropout(up_a) + residual
+        G = activation_fn(spec.activation)(mm(x, [P.down_weight[f.spec.active].t() for f in segs],
+                                              [P.down_bias[f.spec.active] for f in segs]))
+        up = mm(G, [P.up_weight[f.spec.active] for f in segs], [P.up_bias[f.spec.active] for f in segs])
+        if spec.adapter_dropout > 0:
+            up = F.dropout(up, spec.adapter_dropout, training=True)
+        hidden = up + residual
+        out = add_norm(prims, hidden, xs, P, spec) if spec.original_ln_after else hidden
+        return plan.unsort(out), None
+    if not all(fusion):
+        raise ValueError("one layer call runs fusions or single adapters, not both")
 
-    if not spec.fusion:
-        hidden = single_adapter_output(x, residual, P, spec)
-        if spec.original_ln_after:
-            hidden = add_norm(prims, hidden, input_tensor, P, spec)
-        return hidden, None
-
-    if score_scale is not None:
-        folded = None  # the folded weights drop the score terms that dropout makes matter
-    W = _core_weights(P, spec, folded)
-    shared = None
-    if folded is not None:
-        q = x if folded.w_q is None else query
-        value_map = None  # folded into W.Wu / W.bu
-        res_term = residual if folded.w_res is None else residual @ folded.w_res
-    else:
-        q = F.linear(query, P.query_weight, P.query_bias) if spec.query else query
-        if spec.key:
-            q = q @ P.key_weight
-        if score_scale is not None:
-            shared = shared_score(query, q, residual, P, spec)
-        value_map = P.value_weight if spec.value else None
-        res_term = residual
+    qin = _flag(plan, [f.spec.query_before_ln for f in segs], device, hs, x)  # the query input
+    rb = [f.spec.residual_before for f in segs]
+    dropout = any(f.score_scale is not None for f in segs)
+    # the folded weights drop the score terms that score dropout makes matter
+    fold = not dropout and all(f.folded is not None for f in segs)
+    if plan.single:
+        M, prior, inv_t = segs[0].score_scale, segs[0].prior, segs[0].inv_temperature
+    else:  # per-token score scale (1/temperature, dropout) and prior (-inf outside the token's fusion)
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        (M, prior), inv_t = row_inputs(segs, plan.rows, N, device, acc), 1.0
     # The residual joins after the value map unless residual_before puts it under it. When it is
     # h and the prologue formed h + input, start from that sum: the epilogue's add is then free.
-    reuse_pre = (pre is not None and spec.original_ln_after and spec.residual_before_ln is True
-                 and not spec.residual_before)
-    after = pre if reuse_pre else res_term
+    reuse_pre = pre is not None and spec.original_ln_after and spec.residual_before_ln is True and not any(rb)
     core = prims.core or gemm_core(prims.rowop)
-    if value_map is None:
-        hidden, probs = core(x, q.contiguous(), W, shared, after, score_scale, prior, N, r, spec.activation,
-                             inv_temperature)
-    else:
-        before = res_term if spec.residual_before else None
-        mix, probs = core(x, q.contiguous(), W, shared, before, score_scale, prior, N, r, spec.activation,
-                          inv_temperature)
-        if spec.residual_before:
-            hidden = F.linear(mix, value_map)
-        elif after.dtype != mix.dtype:  # the float32 stream under autocast: add it unrounded
-            hidden = after + F.linear(mix, value_map)
+    if fold and plan.single:  # one fusion's folded maps over every token: the backend's core
+        f = segs[0].folded
+        res_term = residual if f.w_res is None else residual @ f.w_res
+        q = x if f.w_q is None else qin
+        hidden, probs = core(x, q.contiguous(), _folded_weights(f, NR), None, pre if reuse_pre else res_term,
+                             M, prior, N, r, spec.activation, inv_t)
+    elif fold:  # each segment its fusion's folded maps: segmented GEMMs around the row op
+        Z = torch.addmm(P.down_bias.reshape(NR), x, P.down_weight.reshape(NR, d).t())
+        AS = mm(qin, [f.folded.w_q for f in segs], [f.folded.b_q for f in segs])
+        Y, probs = prims.rowop(Z, AS[:, :NR], AS[:, NR:], N, spec.activation, inv_t, M, prior)
+        if any(f.folded.w_res is not None for f in segs):
+            res_term = mm(residual.to(Y.dtype), [f.folded.w_res for f in segs])
         else:
-            hidden = torch.addmm(after, mix, value_map.t())
+            res_term = residual
+        base = pre if reuse_pre else res_term
+        wide = base if base.dtype != Y.dtype else None  # added after, in its own dtype (see gemm_core)
+        hidden = mm(probs.to(Y.dtype), [f.folded.w_out[NR:] for f in segs], base=None if wide is not None else base)
+        hidden = mm(Y, [f.folded.w_out[:NR] for f in segs], base=hidden, accumulate=True)
+        if wide is not None:
+            hidden = wide + hidden
+    else:  # unfolded: per-segment d x d maps around the shared N-wide core
+        q = mm(qin, [_t(f.query_weight) for f in segs], [f.query_bias for f in segs])
+        qp = mm(q, [f.key_weight for f in segs])
+        shared = None
+        if dropout:  # the score terms equal for all adapters no longer cancel: q . bk (+ q' . residual)
+            kb = [f.key_bias for f in segs]
+            if any(b is not None for b in kb):
+                rows = torch.stack([b if b is not None else torch.zeros_like(q[0]) for b in kb])
+                shared = q @ rows[0] if plan.single else (q * rows.to(q.dtype)[plan.rows.seg_ids]).sum(-1)
+            if any(rb):
+                term = _flag(plan, rb, device, (qp * residual).sum(-1), torch.zeros_like(qp[:, 0]))
+                shared = term if shared is None else shared + term
+        before = residual if all(rb) else None
+        mix, probs = core(x, qp.contiguous(), _unfolded_weights(P), shared, before, M, prior, N, r, spec.activation,
+                          inv_t)
+        if any(rb) and not all(rb):
+            mix = _flag(plan, rb, device, mix + residual.to(mix.dtype), mix)
+            base = _flag(plan, rb, device, torch.zeros_like(residual), residual)
+        else:
+            base = None if all(rb) else (pre if reuse_pre else residual)
+        wide = base if base is not None and base.dtype != mix.dtype else None  # the float32 stream: unrounded
+        hidden = mm(mix, [_t(f.value_weight) for f in segs], base=None if wide is not None else base)
+        if wide is not None:
+            hidden = wide + hidden
     if reuse_pre:
-        return norm_only(prims, hidden, P, spec), probs
-    if spec.original_ln_after:
-        hidden = add_norm(prims, hidden, input_tensor, P, spec)
-    return hidden, probs
+        out = norm_only(prims, hidden, P, spec)
+    elif spec.original_ln_after:
+        out = add_norm(prims, hidden, xs, P, spec)
+    else:
+        out = hidden
+    return plan.unsort(out), plan.unsort(probs)

@@ -21,10 +21,10 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..activations import activation_fn
+from .activations import activation_fn
 from .params import FusionParams, LayerSpec
 
-__all__ = ["fusion_layer_reference", "block_prologue", "routed_layer_reference", "routed_adapter_reference"]
+__all__ = ["fusion_layer_reference", "block_prologue", "routed_layer_reference"]
 
 
 def _norm(u: torch.Tensor, P: FusionParams, spec: LayerSpec) -> torch.Tensor:
@@ -102,40 +102,32 @@ def fusion_layer_reference(h: torch.Tensor, input_tensor: torch.Tensor, P: Fusio
 
 
 # ---------------------------------------------------------------------------------------------
-# routed batches (afkern.ops.routed): a loop over fusions of the naive layer
+# routed batches (afkern.ops.segments): a loop over the segments of the naive layer
 # ---------------------------------------------------------------------------------------------
 
 
 def routed_layer_reference(h: torch.Tensor, input_tensor: torch.Tensor, P: FusionParams, spec: LayerSpec,
-                           plan, fusions) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Each fusion's tokens gathered and run through :func:`fusion_layer_reference` alone
-    (``fusions[k].params``), then scattered back: the oracle of
-    ``afkern.ops.routed.routed_fusion_layer`` (``plan``: its ``RoutePlan``; ``fusions``: its
-    ``RoutedFusion`` records)."""
+                           plan) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The oracle of a routed batch (``plan``: an ``afkern.ops.segments.SegmentPlan`` with
+    ``rows``): each segment's tokens gathered and run through :func:`fusion_layer_reference` alone
+    (a fusion with its ``params``, a single adapter with the block's ``P``), then scattered back.
+    Returns (out [T, d], p [T, N] in block adapter order, 0 outside each token's fusion; None when
+    the segments are single adapters)."""
     N = P.down_weight.shape[0]
     T = h.shape[0]
     acc_dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
     out = h.new_zeros(T, spec.hidden)
-    probs = torch.zeros(T, N, dtype=acc_dtype, device=h.device)
-    for k, f in enumerate(fusions):
-        idx = plan.token_index(k)
-        o, pk = fusion_layer_reference(h.index_select(0, idx), input_tensor.index_select(0, idx), f.params, f.spec,
-                                       f.inv_temperature, f.score_scale, None, f.prior)
+    fused = any(f.spec.fusion for f in plan.segments)
+    probs = torch.zeros(T, N, dtype=acc_dtype, device=h.device) if fused else None
+    for k, f in enumerate(plan.segments):
+        idx = plan.rows.token_index(k)
+        hk, xk = h.index_select(0, idx), input_tensor.index_select(0, idx)
+        if not f.spec.fusion:
+            o, _ = fusion_layer_reference(hk, xk, P, f.spec, 1.0, None, None, None)
+        else:
+            o, pk = fusion_layer_reference(hk, xk, f.params, f.spec, f.inv_temperature, f.score_scale, None, f.prior)
+            full = torch.zeros(idx.shape[0], N, dtype=acc_dtype, device=h.device)
+            full[:, f.index if f.index is not None else slice(None)] = pk.detach().to(acc_dtype)
+            probs.index_copy_(0, idx, full)
         out = out.index_copy(0, idx, o.to(out.dtype))
-        full = torch.zeros(idx.shape[0], N, dtype=acc_dtype, device=h.device)
-        full[:, f.index if f.index is not None else slice(None)] = pk.detach().to(acc_dtype)
-        probs.index_copy_(0, idx, full)
     return out, probs
-
-
-def routed_adapter_reference(h: torch.Tensor, input_tensor: torch.Tensor, P: FusionParams, spec: LayerSpec,
-                             plan, adapters: Sequence[int]) -> torch.Tensor:
-    """The oracle of ``afkern.ops.routed.routed_adapter_layer``: each adapter's tokens through the
-    reference layer."""
-    out = h.new_zeros(h.shape[0], spec.hidden)
-    for k, a in enumerate(adapters):
-        idx = plan.token_index(k)
-        o, _ = fusion_layer_reference(h.index_select(0, idx), input_tensor.index_select(0, idx), P,
-                                      dataclasses.replace(spec, fusion=False, active=a), 1.0, None, None, None)
-        out = out.index_copy(0, idx, o.to(out.dtype))
-    return out

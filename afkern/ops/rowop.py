@@ -40,7 +40,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..activations import activation_fn, activation_grad
+from .activations import activation_fn, activation_grad
 
 __all__ = ["rowop_forward", "rowop_backward", "rowop_torch", "acc", "check_rowop_inputs"]
 
@@ -68,7 +68,8 @@ def _tempered(s: torch.Tensor, inv_temperature: float, score_scale, prior) -> to
     """``s * M * inv_temperature + b`` in the accumulation dtype."""
     if score_scale is not None:
         s = s * score_scale.to(s.dtype)
-    s = s * inv_temperature
+    if inv_temperature != 1.0:  # (a decoding step's single token pays for every small op)
+        s = s * inv_temperature
     if prior is not None:
         s = s + prior.to(s.dtype)
     return s

@@ -9,6 +9,7 @@ import os
 import sys
 from typing import List, Optional, Sequence
 
+from ..backends import BACKENDS
 from .data import TaskData, load_task, parse_task_spec
 from .demo import run_demo
 from .dist import barrier, init_dist
@@ -50,7 +51,7 @@ def _add_common(p: argparse.ArgumentParser, stage: str) -> None:
     g.add_argument("--overwrite", action="store_true",
                    help="replace the results of an earlier run in --output-dir (a used output directory is refused "
                         "without it, or --resume); metrics files keep the other tasks' entries either way")
-    g.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "cuda", "reference"],
+    g.add_argument("--backend", default="auto", choices=list(BACKENDS),
                    help="afkern backend for the fused blocks (default auto: the fastest measured backend that runs on the device)")
     g.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu or cuda")
     g.add_argument("--amp", default="auto", choices=["auto", "bf16", "off"],

@@ -1,65 +1,32 @@
-"""The routed layer: several fusions (or single adapters) over one adapter set in one batch, each
-token through its own (docs/DESIGN.md section 7).
+"""Segments: the tokens of one layer call grouped by what serves them (docs/DESIGN.md section 7).
 
-A block holds N adapters once; fusion k mixes a subset S_k of them with its own query, key and
-value. For a batch whose tokens are routed to different fusions, with the tokens sorted by fusion
-so that each fusion owns one contiguous *segment* [start_k, end_k):
+A layer call is a :class:`SegmentPlan`: the tokens sorted so that each fusion (or single adapter)
+owns one contiguous *segment* of rows (``rows``, a :class:`RoutePlan`), and one :class:`Segment`
+per segment with that fusion's maps, temperature, score dropout, control and folded weights. The
+plain forward of a block is the degenerate plan: one segment over every token in batch order
+(``rows`` None, no gather), as vLLM's LoRA layer treats one adapter as a one-segment mapping;
+``afkern.route`` gives many. ``afkern.ops.layer.fusion_layer`` is the one layer over a plan.
 
-    x, query, residual = prologue(h, input)             # the block's own, shared by every token
-    Z       = x Wd_cat + bd                             # ONE GEMM over every token      [T, N r]
-    [A|sb]  = q_k W_in,k + b_in,k                       # per segment (a segmented GEMM) [T, N r + N]
-    Y, p    = rowop(Z, A, sb, M, prior)                 # ONE row op; prior -inf outside S_k
-    ctx     = [Y | p] W_out,k + residual term           # per segment (a segmented GEMM) [T, d]
-    out     = add_norm(ctx, input)                      # the block's own
-
-Inference (``RoutedFold``): W_in,k = [M_k Wu_cat^T | M_k bu^T] and W_out,k = [Wu_cat ; bu] Wv_k^T
-are fusion k's folded maps written over ALL N adapters of the block (a fusion over a subset gives
-the others prior -inf, so p = 0 and Y = 0 there: their rows of W_out,k contribute exactly 0).
-Training (unfolded): the d x d query, key and value maps are the segmented GEMMs, and the N-wide
-GEMMs ``q' @ [Wu_cat^T | bu^T]`` and ``Y @ Wu_cat + p @ bu`` are shared, since unfolded they do not
-depend on the fusion. Fusion k's softmax temperature (and its score-dropout scale) is a per-token
-score scale M (the row-op contract, docs/DESIGN.md section 3: M multiplies s in the forward and ds
-in the backward exactly like inv_temperature); its controls are its rows of the prior.
-
-Routing one adapter per token (parallel stage-1 training) is the same with N r replaced by r and
-no row op: ``up = act(x Wd_a + bd_a) Wu_a + bu_a`` as two segmented GEMMs.
-
-A backend brings :class:`afkern.ops.layer.Primitives` (row op, add + norm) and a segmented GEMM
-(:func:`seg_mm_torch`: a loop over the K segments of torch GEMMs, no copy of any [T, N r] tensor;
-the triton backend's ``kernels/segmented.py``: one launch for every segment). The oracle,
-``afkern.ops.reference.routed_layer_reference``, computes the same with a loop over fusions of
-the naive layer.
+A backend brings a segmented GEMM (:func:`seg_mm_torch`: a loop over the K segments of torch
+GEMMs, no copy of any [T, N r] tensor; the triton backend's ``kernels/segmented.py``: one launch
+for every segment); with one segment it is one GEMM.
 """
 
 from __future__ import annotations
 
-import contextvars
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 
-from ..activations import activation_fn
+from .cache import Cache
+from .fold import FoldedWeights
 from .params import FusionParams, LayerSpec
-from .prologue import add_norm, norm_only, prologue
 
-__all__ = ["current_route", "ACTIVE_ROUTES", "strided_stack", "RoutePlan", "RoutedFold", "RoutedFusion", "routed_fusion_layer", "routed_adapter_layer",
-           "seg_mm_torch", "route_plan"]
-
-
-#: The routes entered by ``afkern.route`` (innermost last); each says which blocks it covers.
-ACTIVE_ROUTES: contextvars.ContextVar[tuple] = contextvars.ContextVar("afkern_route", default=())
-
-
-def current_route(block):
-    """The innermost active route (``afkern.routing.RouteState``) that covers ``block``, or None."""
-    for state in reversed(ACTIVE_ROUTES.get()):
-        if state.covers(block):
-            return state
-    return None
+__all__ = ["RoutePlan", "route_plan", "RoutedFold", "Segment", "SegmentPlan", "seg_mm", "seg_mm_torch",
+           "strided_stack", "row_inputs", "per_token"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,7 +49,7 @@ class RoutePlan:
     inv: Optional[torch.Tensor]
     seg_ids: torch.Tensor
     tokens: int
-    _tables: dict = dataclasses.field(default_factory=dict)
+    _tables: Cache = dataclasses.field(default_factory=Cache)
 
     def sort(self, t: torch.Tensor) -> torch.Tensor:
         """Rows of ``t`` [T, ...] in route order."""
@@ -103,26 +70,21 @@ class RoutePlan:
         """(int32 [3, n_blocks], n_blocks): for every tile of ``block_t`` sorted rows that lies
         inside one segment (segments are cut at their own ends, as MoE kernels align experts to the
         token block), its segment, first row and end row. Cached per tile size."""
-        hit = self._tables.get(block_t)
-        if hit is None:
+        def build():
             seg, start, end = [], [], []
             for k, (s, e) in enumerate(self.bounds):
                 for r0 in range(s, e, block_t):
                     seg.append(k)
                     start.append(r0)
                     end.append(min(r0 + block_t, e))
-            tab = torch.tensor([seg, start, end], dtype=torch.int32).to(self.seg_ids.device)
-            hit = self._tables[block_t] = (tab, len(seg))
-        return hit
+            return torch.tensor([seg, start, end], dtype=torch.int32).to(self.seg_ids.device), len(seg)
+
+        return self._tables.get(block_t, build)
 
     def segment_table(self) -> torch.Tensor:
         """int32 [2, K]: start and end row of every segment (on the device), cached."""
-        hit = self._tables.get("segments")
-        if hit is None:
-            hit = torch.tensor([[s for s, _ in self.bounds], [e for _, e in self.bounds]],
-                               dtype=torch.int32).to(self.seg_ids.device)
-            self._tables["segments"] = hit
-        return hit
+        return self._tables.get("segments", lambda: torch.tensor(
+            [[s for s, _ in self.bounds], [e for _, e in self.bounds]], dtype=torch.int32).to(self.seg_ids.device))
 
 
 def route_plan(codes: Sequence[int], names: Sequence[str], seq_len: int, device) -> RoutePlan:
@@ -153,10 +115,6 @@ def route_plan(codes: Sequence[int], names: Sequence[str], seq_len: int, device)
     return RoutePlan([names[c] for c in present], bounds, perm, inv, seg_rows.to(device), T)
 
 
-# ---------------------------------------------------------------------------------------------
-# per-fusion inputs
-# ---------------------------------------------------------------------------------------------
-
 
 @dataclass
 class RoutedFold:
@@ -178,17 +136,30 @@ def _cast(t: Optional[torch.Tensor], dtype) -> Optional[torch.Tensor]:
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
+def _cast_fold(f, dtype):
+    if f is None:
+        return None
+    if isinstance(f, RoutedFold):
+        return f.to(dtype)
+    if f.w_in.dtype == dtype:
+        return f
+    return FoldedWeights(*(_cast(t, dtype) for t in (f.w_in, f.b_in, f.w_q, f.b_q, f.w_out, f.w_res)))
+
+
 @dataclass
-class RoutedFusion:
-    """Fusion k's part of a routed forward (segment k of the plan).
+class Segment:
+    """What serves one segment of a layer call: a fusion, or a single adapter (``spec.fusion``
+    False, the adapter ``spec.active`` of the block).
 
     ``index``: [n_k] int64, the block's adapters it mixes in its own order (None: all N in block
     order). ``spec``: its own LayerSpec (n_adapters = n_k). ``query_weight`` ... ``value_weight``:
     its maps (None when its config turns one off). ``inv_temperature``: 1 / its temperature of
     this forward (0 under a fixed-weights control). ``score_scale`` [T_k, n_k]: its score-dropout
-    draw, or None. ``prior`` [n_k]: its control's log-prior, or None. ``folded``: its
-    :class:`RoutedFold` (inference), or None (unfolded). ``params``: its FusionParams over its own
-    adapters, for the reference backend only (None elsewhere)."""
+    draw, or None. ``prior`` [n_k] (or [T_k, n_k]): its control's log-prior, or None. ``folded``:
+    its folded maps (inference), or None (unfolded): a :class:`RoutedFold` over all N adapters of
+    the block in a routed batch, the :class:`afkern.ops.fold.FoldedWeights` of the fusion when it
+    serves every token. ``params``: its FusionParams over its own adapters, for the reference
+    backend only (None elsewhere)."""
 
     index: Optional[torch.Tensor]
     spec: LayerSpec
@@ -200,20 +171,46 @@ class RoutedFusion:
     inv_temperature: float = 1.0
     score_scale: Optional[torch.Tensor] = None
     prior: Optional[torch.Tensor] = None
-    folded: Optional[RoutedFold] = None
+    folded: Optional[Union[RoutedFold, FoldedWeights]] = None
     params: Optional[FusionParams] = None
 
-    def cast(self, dtype) -> "RoutedFusion":
+    def cast(self, dtype) -> "Segment":
         """Its maps and folded weights in ``dtype`` (differentiable casts)."""
         return dataclasses.replace(
             self, query_weight=_cast(self.query_weight, dtype), query_bias=_cast(self.query_bias, dtype),
             key_weight=_cast(self.key_weight, dtype), key_bias=_cast(self.key_bias, dtype),
-            value_weight=_cast(self.value_weight, dtype), folded=None if self.folded is None else self.folded.to(dtype))
+            value_weight=_cast(self.value_weight, dtype), folded=_cast_fold(self.folded, dtype))
+
+
+@dataclass
+class SegmentPlan:
+    """One layer call: ``segments[k]`` serves the sorted rows ``rows.bounds[k]``; ``rows`` None:
+    one segment over every token in batch order (the plain forward)."""
+
+    rows: Optional[RoutePlan]
+    segments: List[Segment]
+
+    @property
+    def single(self) -> bool:
+        return self.rows is None
+
+    def sort(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.rows is None else self.rows.sort(t)
+
+    def unsort(self, t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return t if self.rows is None or t is None else self.rows.unsort(t)
 
 
 # ---------------------------------------------------------------------------------------------
-# the segmented GEMM of the torch backend
+# the segmented GEMM
 # ---------------------------------------------------------------------------------------------
+
+
+def seg_mm(impl, x, weights, plan: SegmentPlan, biases=None, base=None, accumulate=False):
+    """A backend's segmented GEMM ``impl`` over ``plan``'s segments; one GEMM for one segment."""
+    if plan.rows is None:
+        return _one_segment(x, weights[0], None if biases is None else biases[0], base)
+    return impl(x, weights, plan.rows, biases, base, accumulate)
 
 
 def seg_mm_torch(x: torch.Tensor, weights: Sequence[Optional[torch.Tensor]], plan: RoutePlan,
@@ -288,7 +285,7 @@ def seg_mm_torch(x: torch.Tensor, weights: Sequence[Optional[torch.Tensor]], pla
 
 def strided_stack(weights: Sequence[Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
     """The weights as one [S, K, N] tensor WITHOUT a copy when they are equally spaced views of one
-    storage (the stacked folds of ``afkern.routing.routed_folds`` for fusions consecutive in
+    storage (the stacked folds of ``afkern.compiler.routed_folds`` for fusions consecutive in
     the block), else None."""
     if any(w is None for w in weights):
         return None
@@ -323,12 +320,13 @@ def _one_segment(x, w, b, base):
     return y
 
 
+
 # ---------------------------------------------------------------------------------------------
-# the routed fusion layer (torch, triton and cuda backends)
+# per-token row-op inputs of a routed batch
 # ---------------------------------------------------------------------------------------------
 
 
-def _row_inputs(fusions: Sequence[RoutedFusion], plan: RoutePlan, N: int, device, acc_dtype):
+def row_inputs(fusions: Sequence[Segment], plan: RoutePlan, N: int, device, acc_dtype):
     """(score scale M [T, N] or None, prior [T, N] or None) in block adapter order and the
     accumulation dtype: M carries each fusion's 1/temperature (times its score-dropout draw), the
     prior -inf at adapters outside the token's fusion and each fusion's control log-prior."""
@@ -356,123 +354,6 @@ def _row_inputs(fusions: Sequence[RoutedFusion], plan: RoutePlan, N: int, device
     return M, prior
 
 
-def _per_token(plan: RoutePlan, flags: Sequence[bool], device) -> torch.Tensor:
+def per_token(plan: RoutePlan, flags: Sequence[bool], device) -> torch.Tensor:
     """[T, 1] bool: the flag of each sorted row's fusion."""
     return torch.tensor(list(flags), device=device)[plan.seg_ids].unsqueeze(-1)
-
-
-def routed_fusion_layer(h: torch.Tensor, input_tensor: torch.Tensor, P: FusionParams, spec: LayerSpec,
-                        plan: RoutePlan, fusions: Sequence[RoutedFusion], prims, seg_mm: Callable = seg_mm_torch
-                        ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Routed fusions on 2-D inputs h, input_tensor [T, d] (the batch's order).
-
-    ``P``: the block's tensors over all N adapters (no fusion maps); ``spec``: the block's site
-    (prologue, epilogue, activation; n_adapters = N); ``fusions[k]`` serves segment k of ``plan``;
-    all folded or none. Returns (out [T, d], p [T, N] in block adapter order, 0 outside each
-    token's fusion; float32, float64 for float64)."""
-    if prims.uniform_dtype:
-        # as afkern.ops.layer: the kernels compute in h's dtype; the residual stream and the
-        # LayerNorm weights keep theirs (float32 under autocast), only what feeds a GEMM is cast
-        dt = h.dtype
-        P = P.to(dt).replace(ln_weight=P.ln_weight, ln_bias=P.ln_bias)
-        fusions = [f.cast(dt) for f in fusions]
-    N, r, d = P.down_weight.shape
-    NR = N * r
-    device = h.device
-    hs, xs = plan.sort(h), plan.sort(input_tensor)
-    x, _, residual, pre = prologue(hs, xs, P, dataclasses.replace(spec, query_before_ln=False), prims)
-    if prims.uniform_dtype:
-        x = x.to(dt)
-    qbl = [f.spec.query_before_ln for f in fusions]
-    if not any(qbl):
-        qin = x
-    elif all(qbl):
-        qin = hs
-    else:
-        qin = torch.where(_per_token(plan, qbl, device), hs, x)
-    Wd, Wu = P.down_weight.reshape(NR, d), P.up_weight.reshape(NR, d)
-    Z = torch.addmm(P.down_bias.reshape(NR), x, Wd.t())
-
-    folded = fusions[0].folded is not None
-    rb = [f.spec.residual_before for f in fusions]
-    shared = None
-    if folded:
-        AS = seg_mm(qin, [f.folded.w_q for f in fusions], plan, [f.folded.b_q for f in fusions])
-    else:
-        q = seg_mm(qin, [None if f.query_weight is None else f.query_weight.t() for f in fusions], plan,
-                   [f.query_bias for f in fusions])
-        qp = seg_mm(q, [f.key_weight for f in fusions], plan)
-        if any(f.score_scale is not None for f in fusions):
-            # under score dropout the terms equal for all adapters no longer cancel (ops/layer.py)
-            kb = [f.key_bias for f in fusions]
-            if any(b is not None for b in kb):
-                rows = torch.stack([b if b is not None else torch.zeros_like(q[0]) for b in kb])
-                shared = (q * rows.to(q.dtype)[plan.seg_ids]).sum(-1)
-            if any(rb):
-                term = (qp * residual).sum(-1) * _per_token(plan, rb, device).squeeze(-1).to(qp.dtype)
-                shared = term if shared is None else shared + term
-        AS = qp @ torch.cat([Wu, P.up_bias], 0).t()
-    A, sb = AS[:, :NR], AS[:, NR:]
-    if shared is not None:
-        sb = sb + shared.unsqueeze(-1)
-    acc_dtype = torch.float64 if Z.dtype == torch.float64 else torch.float32
-    M, prior = _row_inputs(fusions, plan, N, device, acc_dtype)
-    Y, p = prims.rowop(Z, A, sb, N, spec.activation, 1.0, M, prior)
-
-    any_rb = any(rb)
-    reuse_pre = (pre is not None and spec.original_ln_after and spec.residual_before_ln is True and not any_rb)
-    if folded:
-        if any(f.folded.w_res is not None for f in fusions):
-            res_term = seg_mm(residual.to(Y.dtype), [f.folded.w_res for f in fusions], plan)
-        else:
-            res_term = residual
-        base = pre if reuse_pre else res_term
-        wide = base if base.dtype != Y.dtype else None  # added after, in its own dtype (afkern.ops.layer)
-        hidden = seg_mm(p.to(Y.dtype), [f.folded.w_out[NR:] for f in fusions], plan,
-                        base=None if wide is not None else base)
-        hidden = seg_mm(Y, [f.folded.w_out[:NR] for f in fusions], plan, base=hidden, accumulate=True)
-        if wide is not None:
-            hidden = wide + hidden
-    else:
-        mix = torch.mm(Y, Wu).addmm_(p.to(Y.dtype), P.up_bias.to(Y.dtype))
-        if any_rb:
-            rbt = _per_token(plan, rb, device)
-            mix = torch.where(rbt, mix + residual.to(mix.dtype), mix)
-            base = torch.where(rbt, torch.zeros_like(residual), residual)
-        else:
-            base = pre if reuse_pre else residual
-        wide = base if base.dtype != mix.dtype else None
-        hidden = seg_mm(mix, [None if f.value_weight is None else f.value_weight.t() for f in fusions], plan,
-                        base=None if wide is not None else base)
-        if wide is not None:
-            hidden = wide + hidden
-    if reuse_pre:
-        out = norm_only(prims, hidden, P, spec)
-    elif spec.original_ln_after:
-        out = add_norm(prims, hidden, xs, P, spec)
-    else:
-        out = hidden
-    return plan.unsort(out), plan.unsort(p)
-
-
-def routed_adapter_layer(h: torch.Tensor, input_tensor: torch.Tensor, P: FusionParams, spec: LayerSpec,
-                         plan: RoutePlan, adapters: Sequence[int], prims, seg_mm: Callable = seg_mm_torch
-                         ) -> torch.Tensor:
-    """One adapter per token, no fusion: ``norm(dropout(up_a) + residual + input)`` with
-    ``up_a = act(x Wd_a^T + bd_a) Wu_a + bu_a`` for adapter ``adapters[k]`` on segment k.
-    ``spec.adapter_dropout`` is AdapterHub's adapter dropout (training). Returns out [T, d]."""
-    if prims.uniform_dtype:
-        P = P.to(h.dtype).replace(ln_weight=P.ln_weight, ln_bias=P.ln_bias)
-    hs, xs = plan.sort(h), plan.sort(input_tensor)
-    x, _, residual, _ = prologue(hs, xs, P, spec, prims)
-    if prims.uniform_dtype:
-        x = x.to(h.dtype)
-    down = seg_mm(x, [P.down_weight[a].t() for a in adapters], plan, [P.down_bias[a] for a in adapters])
-    G = activation_fn(spec.activation)(down)
-    up = seg_mm(G, [P.up_weight[a] for a in adapters], plan, [P.up_bias[a] for a in adapters])
-    if spec.adapter_dropout > 0:
-        up = F.dropout(up, spec.adapter_dropout, training=True)
-    hidden = up + residual
-    if spec.original_ln_after:
-        hidden = add_norm(prims, hidden, xs, P, spec)
-    return plan.unsort(hidden)
