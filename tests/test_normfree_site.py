@@ -34,7 +34,7 @@ from afkern.ops.layer import fusion_layer
 from afkern.ops.reference import fusion_layer_reference
 
 from conftest import make_params, make_spec
-from parity import CONFIGS as SHARED, judge, judge_all, judge_block, run_layer
+from parity import CONFIGS as SHARED, assert_f64, judge, judge_all, judge_block, run_layer
 
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 TRITON_DEVICE = "cpu" if INTERP else ("cuda" if torch.cuda.is_available() else None)
@@ -204,3 +204,46 @@ def test_block_without_norm_every_backend(placement):
     h, x, dout = (t.reshape(1, T, D) for t in _inputs(torch.float32))
     for name in _backends():
         judge_block(name, blk, h, x, dout, adapter_forward=True)
+
+
+# ---------------------------------------------------------------------------------------- model
+
+
+@pytest.mark.parametrize("placement", ["mh_only", "both"])
+def test_norm_free_site_with_and_without_its_block_matches_adapterhub(placement):
+    """GPT-2 (pre-LN, inline residual adds): with adapters at the attention site only, the MLP
+    site is hooked without a block and must compute AdapterHub's no-adapter output
+    ``h + residual_input`` (sites.py ``LayerHooks.value``); with both sites, each has its block.
+    float64 outputs and input gradients against AdapterHub to 1e-9."""
+    adapters = pytest.importorskip("adapters")
+    from transformers import GPT2Config, GPT2Model
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_embd=D, n_layer=2, n_head=4, vocab_size=97, n_positions=32, resid_pdrop=0.0,
+                     embd_pdrop=0.0, attn_pdrop=0.0)
+    hub = GPT2Model(cfg).eval()
+    adapters.init(hub)
+    ac = adapters.SeqBnConfig(mh_adapter=True, output_adapter=placement == "both", reduction_factor=8)
+    for n in ("a", "b", "c"):
+        hub.add_adapter(n, config=ac)
+    hub.add_adapter_fusion(adapters.Fuse("a", "b", "c"))
+    hub.set_active_adapters(adapters.Fuse("a", "b", "c"))
+    with torch.no_grad():
+        for n, p in hub.named_parameters():
+            if "adapter" in n:
+                p.add_(torch.randn_like(p) * 0.3)
+    hub = hub.double()
+    fused = afkern.from_adapterhub(hub)
+    sites = sorted(k for k, _ in afkern.fused_blocks(fused))
+    want = ["h.0.afkern_mh", "h.1.afkern_mh"] + (["h.0.afkern_output", "h.1.afkern_output"] if placement == "both" else [])
+    assert sites == sorted(want)
+    assert all(len(layer._afkern_hooks.sites) == 2 for layer in fused.h)  # the MLP site is hooked either way
+    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(1))
+    res = {}
+    for name, m in (("adapterhub", hub), ("afkern", fused)):
+        e = m.wte(ids).detach().requires_grad_(True)
+        y = m(inputs_embeds=e).last_hidden_state
+        (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view(y.shape)).sum().backward()
+        res[name] = (y.detach(), e.grad)
+    assert_f64("last hidden state", res["afkern"][0], res["adapterhub"][0])
+    assert_f64("input grad", res["afkern"][1], res["adapterhub"][1])
