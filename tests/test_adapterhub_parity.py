@@ -403,3 +403,23 @@ def test_real_minilm_matches_adapters(dtype):
     assert max(w.max().item() for w in weights.values()) < 0.95  # the fusion really mixes
     with torch.no_grad():  # inference: the folded path
         _compare(hub, fused, batch["input_ids"], batch["attention_mask"], check_grads=False, mixing=False)
+
+
+@pytest.mark.parametrize("fusion_rate,model_rate,layer_rate", [(0.4, 0.25, None), (None, 0.25, None), (0.4, 0.25, 0.05)])
+def test_from_adapterhub_takes_the_fusion_layers_own_score_dropout(tiny_bert_config, fusion_rate, model_rate,
+                                                                   layer_rate):
+    """Each converted block's score dropout is its AdapterHub fusion layer's ``dropout.p``: the
+    fusion config's rate, or the model's attention dropout where the config has none (AdapterHub's
+    rule), or whatever the layer's module was set to; never the model's rate in place of the layer's."""
+    cfg = copy.deepcopy(tiny_bert_config)
+    cfg.attention_probs_dropout_prob = model_rate
+    fc = adapters.DynamicAdapterFusionConfig(dropout_prob=fusion_rate)
+    hub = _hub_model(cfg, ["a", "b", "c"], fusion_config=fc)
+    layers = [fl for _, fl, _ in _fusion_sites(hub, afkern.from_adapterhub(hub))]
+    if layer_rate is not None:
+        for fl in layers:
+            fl.dropout.p = layer_rate
+    want = layer_rate if layer_rate is not None else fusion_rate if fusion_rate is not None else model_rate
+    assert all(fl.dropout.p == want for fl in layers)
+    fused = afkern.from_adapterhub(hub)
+    assert [b.score_dropout for _, b in afkern.fused_blocks(fused)] == [want] * len(layers)
