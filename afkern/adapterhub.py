@@ -307,6 +307,7 @@ def from_adapterhub(model: nn.Module, backend: str = "auto") -> nn.Module:
         _fill_block(block, {n: weights[n][slot.ah_prefix] for n in names}, fusion_w.get(slot.ah_prefix), where)
         if fl is not None:
             block.temperature = float(fl.T)
+            block.score_dropout = float(fl.dropout.p)  # the layer's own module, as AdapterHub's forward uses it
         block.train(model.training)
         builds.append((slot, block))
     if not builds:

@@ -71,9 +71,11 @@ def token_batch(batch, seq, pad_from, seed=0, low=0, high=97):
 def one_thread():
     """torch on one CPU thread for the test. Small-tensor tests are dominated by OpenMP fork/join,
     and on a loaded machine a descheduled worker makes every tiny op cost milliseconds (a [2, 40]
-    LayerNorm: 7 ms with 2 threads, 3 us with 1). Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    LayerNorm: 7 ms with 2 threads, 3 us with 1). Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    AFKERN_TEST_THREADS=K runs these tests on K threads instead (``make test`` runs the parity
+    tests with 1 and 2: another thread count rounds differently, and the 2x rule must still hold)."""
     prev = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(os.environ.get("AFKERN_TEST_THREADS", "1")))
     yield
     torch.set_num_threads(prev)
 

@@ -4,6 +4,7 @@ Tests that need the `adapters` package call pytest.importorskip("adapters") (it 
 on transformers 5); the rest run in both environments (scripts/test_tf5.sh).
 """
 
+import copy
 import json
 import os
 import pickle
@@ -16,6 +17,7 @@ import torch
 
 import afkern
 from conftest import perturb_, token_batch
+from parity import judge
 
 NAMES = ["a", "b", "c"]
 
@@ -135,7 +137,35 @@ def test_adapters_to_afkern_float32(tmp_path):
                    dtype=torch.float32)
     afkern.load_adapterhub(plain, {n: str(tmp_path / n) for n in NAMES}, str(tmp_path / "f"))
     inputs = _inputs()
-    torch.testing.assert_close(_outputs(plain, inputs)[0], _outputs(ah, inputs)[0], atol=5e-5, rtol=5e-5)
+    truth = copy.deepcopy(ah).double()  # the same weights in float64
+    judge("last hidden state", _outputs(plain, inputs)[0], _outputs(ah, inputs)[0], _outputs(truth, inputs)[0])
+
+
+@pytest.mark.parametrize("kind", ["task", "lang"])
+def test_legacy_adapter_transformers_keys_load(tmp_path, kind):
+    """Directories of adapter-transformers 2.x/3.x name the adapters' modules
+    ``attention_text_<kind>_adapters`` (attention site) and ``layer_text_<kind>_adapters`` (output
+    site); AdapterHub renames both to ``adapters`` on load, and so does load_adapterhub."""
+    from safetensors.torch import load_file, save_file
+
+    ah = _adapters_model("BertModel", "double_seq_bn", "dynamic")
+    dirs = []
+    for n in NAMES:
+        d = tmp_path / n
+        ah.save_adapter(str(d), n, use_safetensors=True)
+        sd = load_file(str(d / "adapter.safetensors"))
+        legacy = {k.replace(".attention.output.adapters.", f".attention.output.attention_text_{kind}_adapters.")
+                   .replace(".output.adapters.", f".output.layer_text_{kind}_adapters."): v for k, v in sd.items()}
+        assert sum(f"attention_text_{kind}" in k for k in legacy) and sum(f"layer_text_{kind}" in k for k in legacy)
+        assert not any(".adapters." in k for k in legacy)
+        save_file(legacy, str(d / "adapter.safetensors"))
+        dirs.append(str(d))
+    ah.save_adapter_fusion(str(tmp_path / "fusion"), ",".join(NAMES))
+    plain = _fresh("BertModel", ah.config, _base_state(ah, _cls("BertModel")))
+    afkern.load_adapterhub(plain, dirs, str(tmp_path / "fusion"))
+    assert len(list(afkern.fused_blocks(plain))) == 4
+    inputs = _inputs()
+    torch.testing.assert_close(_outputs(plain, inputs)[0], _outputs(ah, inputs)[0], **TOL64)
 
 
 @pytest.mark.parametrize("src,dst", [("BertModel", "BertForSequenceClassification"),
@@ -388,7 +418,9 @@ def test_default_save_is_read_by_adapterhub_default_load(tmp_path):
     ours = afkern.load_adapterhub(_fresh("BertModel", _config(2, 40), dtype=torch.float32), [written[n] for n in NAMES],
                                   written["a,b,c"])
     ids = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(0))
+    truth = copy.deepcopy(hub).double().eval()
     with torch.no_grad():
-        torch.testing.assert_close(ours.eval()(ids).last_hidden_state, hub.eval()(ids).last_hidden_state, atol=1e-5, rtol=1e-5)
+        judge("last hidden state", ours.eval()(ids).last_hidden_state, hub.eval()(ids).last_hidden_state,
+              truth(ids).last_hidden_state)
     afkern.save_adapterhub(ours, str(tmp_path), safe_serialization=True)
     assert not os.path.exists(os.path.join(written["a"], "pytorch_adapter.bin"))

@@ -374,3 +374,51 @@ def test_model_built_without_pooler_reloads(tmp_path):
     assert back.pooler is None
     with torch.no_grad():
         assert torch.equal(back(ids).last_hidden_state, y)
+
+
+def _full_setup(model):
+    """Everything a patched model's forward depends on besides its weights, read from the public
+    attributes of its blocks (not from the record that from_pretrained itself writes)."""
+    out = {}
+    for name, b in afkern.fused_blocks(model):
+        out[name] = dict(
+            adapters=list(b.adapter_names), active_fusion=b.active_fusion, active_adapter=b.active_adapter,
+            backend=b.backend, dtype=str(b.down_weight.dtype), training=b.training,
+            adapter_config=b.adapter_config.to_dict(),
+            fusions={k: dict(adapters=list(f.adapter_names), config=f.config.to_dict(), score_dropout=f.score_dropout,
+                             temperature=f.temperature) for k, f in b.fusions.items()})
+    return out
+
+
+@pytest.mark.parametrize("active", ["first fusion", "second fusion", "adapter"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_from_pretrained_restores_the_full_setup(tmp_path, active, dtype):
+    """The reloaded model's whole setup equals the saved one's: the active setup of each kind (the
+    first of two fusions, the last added, or one adapter), a score dropout set apart from both
+    the fusion config's and the model's rate, the annealed temperature, a per-block backend, the
+    dtype; and a seeded training step computes the same (dropout masks included)."""
+    model = _patched("BertModel").to(dtype)
+    blocks = dict(afkern.fused_blocks(model))
+    for b in blocks.values():
+        b.fusions["pair"].score_dropout = 0.35  # neither the config's 0.2 nor the model's 0.1
+    afkern.set_backend(blocks["encoder.layer.0.output"], "reference")
+    if active == "first fusion":
+        for b in blocks.values():
+            b.set_active_fusion(next(iter(b.fusions)))
+    elif active == "second fusion":
+        afkern.set_active_fusion(model, "pair")
+    else:
+        afkern.set_active_adapter(model, "qqp")
+    want = _full_setup(model)
+    assert {s["active_fusion"] for s in want.values()} != {None} or active == "adapter"
+    model.save_pretrained(tmp_path)
+    reloaded = afkern.from_pretrained(tmp_path, backend=None)
+    assert _full_setup(reloaded) == want
+    batch = token_batch(3, 9, 5, seed=4)
+    model.train()
+    reloaded.train()
+    torch.manual_seed(11)
+    y1 = model(**batch).last_hidden_state
+    torch.manual_seed(11)
+    y2 = reloaded(**batch).last_hidden_state
+    torch.testing.assert_close(y2, y1, rtol=0, atol=0)  # the same computation, bit for bit

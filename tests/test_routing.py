@@ -548,3 +548,26 @@ def test_segmented_gemm_kernel_matches_torch(T_codes, seq_len):
         c = seg_mm_triton(x, [None] * S, plan)
     torch.testing.assert_close(a, x + base[:, :K])
     torch.testing.assert_close(c, x)
+
+
+def test_route_plan_reused_across_sequence_lengths_and_batch_shapes():
+    """One route over forwards of several lengths (in one ``route()`` and in a later one with the
+    same route, whose plans are shared): each forward equals each sequence alone, so no plan built
+    for one shape is reused for another."""
+    m = _tiny_bert(PLAIN)
+    route = ["tri", "sub", "tri", "rev"]
+    outs = []
+    with afkern.route(m, fusion=route):
+        for S in (5, 9, 3):
+            ids, mask = _batch(B=4, S=S, seed=S)
+            outs.append((ids, mask, m(ids, attention_mask=mask).last_hidden_state))
+    with afkern.route(m, fusion=route):
+        for S in (9, 5):
+            ids, mask = _batch(B=4, S=S, seed=S + 1)
+            outs.append((ids, mask, m(ids, attention_mask=mask).last_hidden_state))
+    with afkern.route(m, fusion=route[:3]):  # another batch size, the same length as before
+        ids, mask = _batch(B=3, S=9, seed=2)
+        outs.append((ids, mask, m(ids, attention_mask=mask).last_hidden_state))
+    for ids, mask, out in outs:
+        want = _alone(m, ids, mask, route[:ids.shape[0]])
+        assert rel_err(out, want) < 1e-9, f"batch {tuple(ids.shape)}: {rel_err(out, want):.3g}"

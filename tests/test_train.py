@@ -723,3 +723,58 @@ def test_metrics_files_of_older_runs_are_kept(tmp_path):
     assert (tmp_path / "metrics_adapters.json").read_text() == "{not json"
     M.write_adapter_metrics(str(tmp_path), {"tasks": {"a": {}}}, overwrite=True)
     assert json.load(open(tmp_path / "metrics_adapters.json"))["tasks"] == {"a": {}}
+
+
+# ----------------------------------------------------------------------------- stopping and selection
+
+@pytest.mark.parametrize("scores,patience,stop_at,best", [
+    ([0.5, 0.6, 0.6, 0.55, 0.6, 0.9], 3, 5, 2),   # ties are not improvements: stop after 3 at epoch 5
+    ([0.5, 0.6, 0.6, 0.55, 0.6, 0.9], 4, None, 6),
+    ([0.5, 0.4, 0.7, 0.7, 0.8], 1, 2, 1),          # patience 1: the first epoch without improvement
+    ([0.9, 0.1, 0.1, 0.1, 0.1], 0, None, 1),       # 0: never stop
+    ([0.5, 0.5, 0.5], 2, 3, 1),                    # a tie with the first keeps the first
+])
+def test_dev_rule_on_scripted_scores(scores, patience, stop_at, best):
+    """``afkern.train.loop.dev_rule``: stop exactly after ``patience`` dev evaluations without a
+    strict improvement; the best is the first epoch that reached the maximum so far."""
+    from afkern.train.loop import dev_rule
+
+    best_acc, bad, best_epoch, stopped = float("-inf"), 0, None, None
+    for epoch, acc in enumerate(scores, 1):
+        improved, bad, stop = dev_rule(best_acc, bad, acc, patience)
+        if improved:
+            best_acc, best_epoch = acc, epoch
+        if stop:
+            stopped = epoch
+            break
+    assert stopped == stop_at and best_epoch == best
+
+
+def test_training_stops_on_dev_scores_and_keeps_the_best_epoch(env, tmp_path, monkeypatch):
+    """The fusion stage with scripted dev accuracies (0.5, 0.7, 0.7, 0.6, 0.9, 1.0) and patience 2:
+    it stops after epoch 4, reports epoch 2 as the best, leaves epoch 2's weights in the model (not
+    the last epoch's), and every score it acted on came from the dev split, not the training one."""
+    from afkern.train import loop
+
+    scripted = iter([0.5, 0.7, 0.7, 0.6, 0.9, 1.0])
+    seen, states = [], []
+
+    def evaluate(model, enc, *a, **k):
+        seen.append(list(enc.input_ids))
+        states.append({k: v.clone() for k, v in T.trainable_state(model).items() if isinstance(v, torch.Tensor)})
+        return next(scripted)
+
+    monkeypatch.setattr(loop, "evaluate", evaluate)
+    res = T.run(_fusion_args(env, str(tmp_path / "run"), "--epochs", "6", "--patience", "2", "--no-heatmap"))
+    hist = res["metrics"]["task"]["history"]
+    assert [h["dev_accuracy"] for h in hist] == [0.5, 0.7, 0.7, 0.6]
+    assert res["metrics"]["task"]["best_epoch"] == 2 and res["metrics"]["task"]["best_dev_accuracy"] == 0.7
+    final = T.trainable_state(res["model"])
+    for k, v in states[1].items():
+        assert torch.equal(final[k], v), f"{k}: not the weights of the best (dev) epoch"
+    assert any(not torch.equal(states[1][k], states[3][k]) for k in states[1]), "training did not move the weights"
+    with open(os.path.join(env["dirs"]["routing"], "dev.json")) as f:
+        dev_text = [r["text"] for r in json.load(f)]
+    tok = T.load_tokenizer(env["model"])
+    want = tok(dev_text, truncation=True, max_length=24, padding=False)["input_ids"]
+    assert all(s == want for s in seen), "the dev score was computed on other data than the dev split"

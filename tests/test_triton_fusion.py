@@ -14,6 +14,7 @@ its own bound. Fusion probabilities in 16 bits are checked to float32 accuracy
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 
@@ -31,6 +32,7 @@ from afkern.ops.rowop import rowop_backward, rowop_forward
 
 from conftest import make_params, make_spec
 from exact_probs import check_layer_probs
+from parity import CONFIGS, judge, judge_all, judge_block, run_layer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -46,22 +48,9 @@ pytest.importorskip("triton")
 from afkern.backends import triton_ops  # noqa: E402
 from afkern.kernels import add_norm as KN, rowop as KR  # noqa: E402
 
-# error floor per dtype, relative to the reference's magnitude
-FLOOR = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
-
-CONFIGS = {
-    "dynamic": dict(),
-    "static": dict(value=False),
-    "no_query": dict(query=False),
-    "no_key": dict(key=False),
-    "residual_before": dict(residual_before=True),
-    "query_before_ln": dict(query_before_ln=True),
-    "residual_after_ln": dict(residual_before_ln=False),
-    "residual_post_add": dict(residual_before_ln="post_add"),
-    "houlsby": dict(original_ln_before=False, activation="silu"),
-    "no_ln_after": dict(original_ln_after=False, activation="gelu_tanh"),
-    "single_adapter": dict(fusion=False, active=1),
-}
+#: the configs the Triton layer runs on (tests/parity.py CONFIGS)
+TRITON_CONFIGS = ["dynamic", "static", "no_query", "no_key", "residual_before", "query_before_ln",
+                  "residual_after_ln", "residual_post_add", "houlsby", "no_ln_after", "single_adapter"]
 
 
 def _inputs(T, d, dtype, seed=1, grad=True):
@@ -77,37 +66,16 @@ def _params(cfg, N, r, d, dtype, seed=0):
     return dataclasses.replace(P, **{k: (None if v is None else v.to(DEVICE, dtype)) for k, v in P.__dict__.items()})
 
 
-def _leaves(h, x, P):
-    return [("h", h), ("input_tensor", x)] + [(k, v) for k, v in P.__dict__.items() if v is not None]
-
-
 def _run(fn, h, x, P, spec, it, M, dgrad, folded=None):
-    """(out, probs, {name: grad}) of one layer call with fresh leaves."""
-    hh, xx = h.detach().clone().requires_grad_(True), x.detach().clone().requires_grad_(True)
-    PP = dataclasses.replace(P, **{k: (None if v is None else v.detach().clone().requires_grad_(True))
-                                   for k, v in P.__dict__.items()})
-    out, probs = fn(hh, xx, PP, spec, it, M, folded)
-    names, leaves = zip(*_leaves(hh, xx, PP))
-    grads = torch.autograd.grad(out, leaves, dgrad.to(out.dtype), allow_unused=True)
-    return out, probs, dict(zip(names, grads))
+    """(out, probs, {name: grad}) of one layer call with fresh leaves; the loss reaches the output
+    (cotangent ``dgrad``) and the returned fusion probabilities (tests/parity.py ``run_layer``)."""
+    return run_layer(fn, h, x, P, spec, it, M, folded, dout=dgrad)
 
 
 def _close(name, got, ref64, base, dtype):
-    """|got - ref| <= 2 |base - ref| + floor * max|ref|, all in float64; ``base`` is the reference
-    run in the same dtype (or another implementation that shares no code with the one judged)."""
-    if ref64 is None:
-        assert got is None or float(got.abs().max()) == 0.0, f"{name}: expected no gradient"
-        return
-    if got is None:  # no path from the output (e.g. key bias without score dropout): must be ~0
-        got = torch.zeros_like(ref64)
-    if base is None:
-        base = torch.zeros_like(ref64)
-    assert got.shape == ref64.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref64.shape)}"
-    ref = ref64.double()
-    err = (got.double() - ref).abs().max().item()
-    berr = (base.double() - ref).abs().max().item()
-    bound = 2 * berr + FLOOR[dtype] * max(1.0, ref.abs().max().item())
-    assert err <= bound, f"{name}: triton err {err:.3g} > bound {bound:.3g} (baseline err {berr:.3g}, {dtype})"
+    """The 2x rule (tests/parity.py): ``base`` is the reference run in the same dtype (or another
+    implementation that shares no code with the one judged)."""
+    judge(name, got, base, ref64, dtype)
 
 
 def _compare_layer(T, N, r, d, dtype, cfg, it=0.7, dropout=False, seed=0):
@@ -130,8 +98,7 @@ def _compare_layer(T, N, r, d, dtype, cfg, it=0.7, dropout=False, seed=0):
         _close("probs", tri[1], ref[1], low[1], torch.float32 if dtype == torch.float32 else dtype)
     else:
         assert tri[1] is None
-    for name, g in ref[2].items():
-        _close(f"d{name}", tri[2][name], g, low[2][name], dtype)
+    judge_all("d", tri[2], low[2], ref[2], dtype)
 
 
 def fusion_layer_reference_7(h, x, P, spec, it, M, folded=None):
@@ -141,7 +108,7 @@ def fusion_layer_reference_7(h, x, P, spec, it, M, folded=None):
 # ------------------------------------------------------------------------------------------ layer
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("name", TRITON_CONFIGS)
 def test_layer_configs_float32(name):
     _compare_layer(7, 3, 5, 40, torch.float32, CONFIGS[name], dropout=name in ("dynamic", "residual_before", "no_key"))
 
@@ -221,17 +188,19 @@ def test_rowop_kernels_match_contract(act, dtype):
     Z, A, sb = rn(T, N * r), rn(T, N * r), rn(T, N)
     M = ((torch.rand(T, N, generator=g) >= 0.25).float() / 0.75).to(DEVICE)
     Y, p = KR.rowop_forward_triton(Z, A, sb, N, act, 0.6, M)
-    Y0, p0 = rowop_forward(Z, A, sb, N, act, 0.6, M)
-    tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
-    torch.testing.assert_close(Y, Y0, **tol)
-    torch.testing.assert_close(p, p0, atol=1e-6, rtol=1e-5)
+    Y0, p0 = rowop_forward(Z, A, sb, N, act, 0.6, M)  # the contract in this dtype: the baseline
+    up = lambda *ts: [t.double() for t in ts]  # noqa: E731
+    Y64, p64 = rowop_forward(*up(Z, A, sb), N, act, 0.6, M)  # the same values in float64: the truth
+    _close("Y", Y, Y64, Y0, dtype)
+    _close("p", p, p64, p0, dtype)
     dY, dp = rn(T, N * r), torch.randn(T, N, generator=g).to(DEVICE)
     got = KR.rowop_backward_triton(dY, dp, Z, A, p0, N, act, 0.6, M, return_y=True)
     want = rowop_backward(dY, dp, Z, A, p0, N, act, 0.6, M)
-    for name, a, b in zip(("dZ", "dA", "dsb"), got[:3], want):
+    truth = rowop_backward(*up(dY, dp, Z, A, p0), N, act, 0.6, M)
+    for name, a, b, t in zip(("dZ", "dA", "dsb"), got[:3], want, truth):
         assert a.dtype == b.dtype, name
-        torch.testing.assert_close(a, b, **(tol if name != "dsb" else dict(atol=1e-5, rtol=1e-5)), msg=name)
-    torch.testing.assert_close(got[3], Y0, **tol)
+        _close(name, a, t, b, dtype)
+    _close("Y (backward)", got[3], Y64, Y0, dtype)
 
 
 def test_rowop_autograd_fallback_path():
@@ -249,11 +218,11 @@ def test_rowop_autograd_fallback_path():
     P64 = dataclasses.replace(P, **{k: (None if v is None else v.double()) for k, v in P.__dict__.items()})
     a = _run(fb, h, x, P, spec, 0.8, M, dgrad)
     b = _run(fusion_layer_reference_7, h.double(), x.double(), P64, spec, 0.8, M, dgrad)  # float64 oracle
-    torch.testing.assert_close(a[0].double(), b[0], atol=2e-5, rtol=2e-5)
-    torch.testing.assert_close(a[1].double(), b[1], atol=1e-6, rtol=1e-5)
+    c = _run(fusion_layer_reference_7, h, x, P, spec, 0.8, M, dgrad)  # the oracle in float32
+    _close("out", a[0], b[0], c[0], torch.float32)
+    _close("probs", a[1], b[1], c[1], torch.float32)
     for name in b[2]:
-        got = a[2][name] if a[2][name] is not None else torch.zeros_like(b[2][name])  # key bias: cancels
-        torch.testing.assert_close(got.double(), b[2][name], atol=5e-5, rtol=5e-5, msg=name)
+        _close(f"d{name}", a[2][name], b[2][name], c[2][name], torch.float32)
 
 
 # ------------------------------------------------------------------------------------------ add + LN
@@ -301,26 +270,7 @@ def test_block_triton_matches_reference():
     hs = torch.randn(2, 5, 40, device=DEVICE)
     it = torch.randn(2, 5, 40, device=DEVICE)
     dout = torch.randn(2, 5, 40, device=DEVICE)
-    res = {}
-    for name in ("reference", "triton"):
-        blk.set_backend(name)
-        blk.zero_grad()
-        blk.train()
-        torch.manual_seed(123)  # same dropout masks (dense dropout and score dropout) for both
-        hh = hs.clone().requires_grad_(True)
-        out = blk(hh, it)
-        (out * dout).sum().backward()
-        res[name] = (out.detach(), hh.grad.clone(), {k: p.grad.clone() for k, p in blk.named_parameters()})
-        blk.eval()
-        with torch.no_grad():  # inference: the folded weights
-            res[name] += (blk(hs, it),)
-    ref, tri = res["reference"], res["triton"]
-    torch.testing.assert_close(tri[0], ref[0], atol=2e-5, rtol=2e-5)
-    torch.testing.assert_close(tri[1], ref[1], atol=5e-5, rtol=5e-5)
-    assert set(tri[2]) == set(ref[2])
-    for k in ref[2]:
-        torch.testing.assert_close(tri[2][k], ref[2][k], atol=1e-4, rtol=1e-4, msg=k)
-    torch.testing.assert_close(tri[3], ref[3], atol=2e-5, rtol=2e-5)
+    judge_block("triton", blk, hs, it, dout)  # same dropout masks (dense and score dropout) for every run
 
 
 def test_patched_bert_runs_with_triton(tiny_bert_config):
@@ -338,13 +288,16 @@ def test_patched_bert_runs_with_triton(tiny_bert_config):
     ids = torch.randint(0, tiny_bert_config.vocab_size, (2, 9), device=DEVICE)
     mask = torch.ones_like(ids)
     mask[1, 6:] = 0
+    truth = copy.deepcopy(model).double()
+    afkern.set_backend(truth, "reference")
     with torch.no_grad():
         afkern.set_backend(model, "reference")  # the oracle, not the torch path it shares code with
         want = model(input_ids=ids, attention_mask=mask).last_hidden_state
         afkern.set_backend(model, "triton")
         got = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        y64 = truth(input_ids=ids, attention_mask=mask).last_hidden_state
     assert all(b.resolved_backend() == "triton" for _, b in afkern.patching.fused_blocks(model))
-    torch.testing.assert_close(got, want, atol=5e-5, rtol=5e-5)
+    judge("last hidden state", got, want, y64)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="BERT-base width on the GPU only (the interpreter is too slow)")

@@ -118,6 +118,16 @@ def _rng_state(d: Dist) -> dict:
             "cuda_rng": torch.cuda.get_rng_state(d.device) if d.device.type == "cuda" else None}
 
 
+def dev_rule(best_acc: float, bad_epochs: int, acc: float, patience: int):
+    """The stopping and selection rule after one dev evaluation: ``(improved, bad_epochs, stop)``.
+    A dev accuracy strictly above the best so far is the new best (a tie keeps the earlier epoch's
+    weights) and resets the count of epochs without improvement; ``stop`` once that count reaches
+    ``patience`` (0: never). Pure, so it is tested on scripted dev scores (tests/test_train.py)."""
+    improved = acc > best_acc
+    bad_epochs = 0 if improved else bad_epochs + 1
+    return improved, bad_epochs, bool(patience) and bad_epochs >= patience
+
+
 def train_task(clf: nn.Module, train_enc: Encoded, dev_enc: Encoded, cfg, d: Dist, ckpt_path: str,
                fingerprint: dict, desc: str, reg: bool = False) -> dict:
     """Train the trainable parameters of ``clf`` (body at ``cfg.lr``, ``clf.head`` at ``cfg.head_lr``);
@@ -232,20 +242,19 @@ def train_task(clf: nn.Module, train_enc: Encoded, dev_enc: Encoded, cfg, d: Dis
                 acc = evaluate(clf, dev_enc, cfg.eval_batch_size, d, amp)
                 train_loss = all_reduce_sum([prog["loss_sum"], prog["loss_count"]], d)
                 train_loss = train_loss[0] / max(train_loss[1], 1)
-                improved = acc > prog["best_acc"]
+                improved, bad, stop = dev_rule(prog["best_acc"], prog["bad_epochs"], acc, cfg.patience)
                 new = copy.deepcopy(prog)
                 new["history"].append({"epoch": epoch + 1, "train_loss": train_loss, "dev_accuracy": acc,
                                        "step": new["global_step"], "lr": sched.get_last_lr()[0]})
+                new["bad_epochs"] = bad
                 if improved:
-                    new["best_acc"], new["best_epoch"], new["bad_epochs"] = acc, epoch + 1, 0
-                else:
-                    new["bad_epochs"] += 1
+                    new["best_acc"], new["best_epoch"] = acc, epoch + 1
                 new.update(epoch=epoch + 1, step_in_epoch=0, loss_sum=0.0, loss_count=0)
                 new_best = trainable_state(clf) if improved else best_state
                 prog, best_state, snapshot = new, new_best, None  # one step: an interrupt sees old or new
                 log(d, f"[{desc}] epoch {epoch + 1}/{cfg.epochs}: train loss {train_loss:.4f}, dev accuracy {acc:.4f}"
                        + (" (best)" if improved else f" (best {prog['best_acc']:.4f} @ epoch {prog['best_epoch']})"))
-                if cfg.patience and prog["bad_epochs"] >= cfg.patience:
+                if stop:
                     log(d, f"[{desc}] early stop: no dev improvement for {cfg.patience} epochs")
                     prog["finished"] = True
                 if prog["epoch"] >= cfg.epochs:

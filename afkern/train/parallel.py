@@ -38,7 +38,7 @@ from .data import TaskData
 from .dist import Dist, log
 from .errors import TrainError
 from .heads import AdapterClassifier, ClassificationHead, save_head
-from .loop import amp_context, evaluate
+from .loop import amp_context, dev_rule, evaluate
 from .metrics import data_note, env_info, settings, task_record, write_adapter_metrics
 from .models import build_fusion_model, check_model_dir, freeze, load_base_model, load_tokenizer, resolve_adapter_dirs
 
@@ -208,17 +208,15 @@ def _epoch_end(cfg, d: Dist, enc: nn.Module, s: _Task, kind: str, amp) -> None:
     train_loss = s.loss_sum / max(s.loss_count, 1)
     s.history.append({"epoch": s.epoch + 1, "train_loss": train_loss, "dev_accuracy": acc, "step": s.step,
                       "lr": s.sched.get_last_lr()[0]})
-    improved = acc > s.best_acc
+    improved, s.bad, stop = dev_rule(s.best_acc, s.bad, acc, cfg.patience)
     if improved:
-        s.best_acc, s.best_epoch, s.bad = acc, s.epoch + 1, 0
+        s.best_acc, s.best_epoch = acc, s.epoch + 1
         s.best_state = s.snapshot()
-    else:
-        s.bad += 1
     log(d, f"[{kind}:{s.name}] epoch {s.epoch + 1}/{cfg.epochs}: train loss {train_loss:.4f}, dev accuracy {acc:.4f}"
            + (" (best)" if improved else f" (best {s.best_acc:.4f} @ epoch {s.best_epoch})"))
     s.epoch += 1
     s.batches, s.pos, s.loss_sum, s.loss_count = None, 0, 0.0, 0
-    if cfg.patience and s.bad >= cfg.patience:
+    if stop:
         log(d, f"[{kind}:{s.name}] early stop: no dev improvement for {cfg.patience} epochs")
         s.finished = True
     if s.epoch >= cfg.epochs:
