@@ -363,3 +363,24 @@ def test_threads_with_their_own_setups():
     for g, w in zip(got, want):
         assert torch.equal(g, w)
     assert rel(want[0], want[1]) > 1e-3
+
+
+def test_accelerate_benchmark_runs_checks_and_writes(tmp_path):
+    """afkern-bench --accelerate on a tiny shape: both modes checked against AdapterHub, the files
+    written (no timing is asserted)."""
+    import csv
+
+    from afkern import bench
+
+    argv = ["--accelerate", "--hidden-size", "32", "--intermediate-size", "48", "--heads", "4", "--layers", "1",
+            "--model-tokens", "32", "--seq-len", "16", "--model-n-adapters", "3", "--reduction-factor", "4",
+            "--repeats", "2", "--warmup", "1", "--warmup-ms", "1", "--min-sample-ms", "1", "--output-dir",
+            str(tmp_path), "--no-progress"]
+    assert bench.main(argv) == 0
+    (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    rows = list(csv.DictReader(open(folder / "accelerate.csv")))
+    assert [(r["mode"], r["provider"]) for r in rows] == [
+        ("inference", "adapters"), ("inference", "accelerated"), ("train_step", "adapters"), ("train_step", "accelerated")]
+    assert all(r["status"] == "ok" and int(r["repeats"]) == 2 for r in rows)
+    assert all(float(r["rel_err"]) < 1e-4 for r in rows if r["provider"] == "accelerated")
+    assert "target >= 3x" in (folder / "accelerate.md").read_text()

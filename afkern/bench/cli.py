@@ -100,9 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "case instead of all of them; large GPU cases need it (default: all)")
     p.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr (log lines only)")
-    from . import multifusion
+    from . import accelerate, multifusion
 
     multifusion.add_arguments(p)
+    accelerate.add_arguments(p)
     return p
 
 
@@ -186,6 +187,10 @@ def _run(args, argv: List[str]) -> int:
         from . import multifusion
 
         return multifusion.run(args, cfg, out_dir, argv)
+    if getattr(args, "accelerate", False):
+        from . import accelerate
+
+        return accelerate.run(args, cfg, out_dir, argv)
     import afkern
     from afkern.backends import resolve_backend
 
