@@ -20,8 +20,10 @@ refused. Loading validates everything before the model is touched; writes are at
 
 from __future__ import annotations
 
+import copy
 import os
 import re
+import warnings
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -55,6 +57,24 @@ def _plain_class(module: nn.Module):
         if cls.__module__.startswith("transformers.models."):
             return cls
     raise TypeError(f"{type(module).__name__} is not built on a transformers model class")
+
+
+def _converted_class(model: nn.Module):
+    """(transformers class to build, the module whose weights it takes) for ``from_adapterhub``:
+    the model's own transformers class with its head (BertForSequenceClassification,
+    GPT2LMHeadModel, T5ForConditionalGeneration, ...), or the base class for a bare base model and
+    for AdapterHub's ``*AdapterModel`` (its flexible heads have no transformers class: warned)."""
+    base = model.base_model
+    if type(model).__module__.startswith("adapters."):  # AutoAdapterModel & co: flexible heads
+        heads = list(getattr(model, "heads", {}) or {})
+        if heads:
+            warnings.warn(f"from_adapterhub: {type(model).__name__}'s flexible heads {heads} are AdapterHub modules "
+                          "with no transformers class; the converted model is the base model without them (keep "
+                          "them from the AdapterHub model: model.heads[name])", UserWarning, stacklevel=3)
+        return _plain_class(base), base
+    if model is base:
+        return _plain_class(base), base
+    return _plain_class(model), model
 
 
 def _site_sig(spec_cfg: AdapterConfig) -> Tuple:
@@ -247,8 +267,10 @@ def from_adapterhub(model: nn.Module, backend: str = "auto") -> nn.Module:
     active adapter) into a plain transformers model whose output modules are
     :class:`FusedAdapterBlock`s with the same weights. ``Stack`` / ``Parallel`` setups are refused.
 
-    For an ``adapters`` ``*AdapterModel`` (with prediction heads) the converted base model is
-    returned (heads are AdapterHub objects; move them yourself). The input model is not modified.
+    A model with a transformers head (``BertForSequenceClassification``, ``GPT2LMHeadModel``, ...)
+    comes back as that class with its head's weights; an ``adapters`` ``*AdapterModel`` comes back
+    as its base model (its flexible heads are AdapterHub modules with no transformers class: a
+    warning names them). The input model is not modified.
     """
     check_name(backend)
     try:
@@ -284,7 +306,7 @@ def from_adapterhub(model: nn.Module, backend: str = "auto") -> nn.Module:
     acfg = _common_config(configs)
 
     base = model.base_model
-    cls = _plain_class(base)
+    cls, top = _converted_class(model)
     config = cls.config_class.from_dict(base.config.to_dict())
     for attr in ("adapters", "adapter_config"):
         if hasattr(config, attr):
@@ -296,11 +318,13 @@ def from_adapterhub(model: nn.Module, backend: str = "auto") -> nn.Module:
     p0 = next(base.parameters())
     plain.to(device=p0.device, dtype=p0.dtype)
     skip = (".adapters.", ".adapter_fusion_layer.", "invertible_adapters", "prefix_tuning", "prompt_tuning", "shared_parameters")
-    ah_sd = base.state_dict()
+    ah_sd = top.state_dict()  # with a head: the head's weights too, base keys under base_model_prefix
     sd = {k: v for k, v in ah_sd.items() if not any(s in k for s in skip)}
     _drop_added_base_params(sd, plain)
     plain.load_state_dict(sd, strict=True)
     plain.train(model.training)
+    if top is not base and getattr(model, "generation_config", None) is not None:
+        plain.generation_config = copy.deepcopy(model.generation_config)
     family = family_of(plain)
 
     weights = {n: _parse_site_keys({k: v for k, v in ah_sd.items() if f".adapters.{n}." in k}, "adapters", n,
@@ -518,8 +542,10 @@ def save_adapterhub(model: nn.Module, out_dir: str, safe_serialization: Optional
     blocks = list(fused_blocks(model))
     if not blocks:
         raise ValueError(f"{type(model).__name__} has no FusedAdapterBlock to save")
-    base = getattr(model, "base_model", model)
-    prefix = "" if base is model else f"{model.base_model_prefix}."
+    # Keys always carry the transformers base_model_prefix ("bert.encoder.layer.0..."): AdapterHub's
+    # loaders strip it for a base model and need it for a head or *AdapterModel class, whose fusion
+    # loader would otherwise skip every key without a word
+    prefix = f"{model.base_model_prefix}." if getattr(model, "base_model_prefix", "") else ""
     ah_names = {id(b): slot.ah_prefix for slot, b in site_blocks(model, family_of(model))}  # AdapterHub's site names
     names = blocks[0][1].adapter_names
     acfg = blocks[0][1].adapter_config
