@@ -33,6 +33,7 @@ from ._io import atomic_write_bytes, atomic_write_json, read_json
 from .backends import check_name
 from .block import FusedAdapterBlock
 from .config import AdapterConfig, FusionConfig
+from .adapterhub_base import drop_added_base_params, fold_adapterhub_bias
 from .families import FAMILIES, family_of
 from .pretrained import track_model
 from .model import fused_blocks, install, structure_kwargs
@@ -262,7 +263,7 @@ def _fill_fusion(module, fusion: Dict[str, torch.Tensor], where: str) -> None:
                 p.copy_(fusion[key].to(p.dtype))
 
 
-def from_adapterhub(model: nn.Module, backend: str = "auto") -> nn.Module:
+def from_adapterhub(model: nn.Module, backend: str = "auto", keep_adapterhub_bias: bool = False) -> nn.Module:
     """Convert a model prepared with ``adapters`` (active ``Fuse(...)`` of single adapters, or one
     active adapter) into a plain transformers model whose output modules are
     :class:`FusedAdapterBlock`s with the same weights. ``Stack`` / ``Parallel`` setups are refused.
@@ -271,6 +272,11 @@ def from_adapterhub(model: nn.Module, backend: str = "auto") -> nn.Module:
     comes back as that class with its head's weights; an ``adapters`` ``*AdapterModel`` comes back
     as its base model (its flexible heads are AdapterHub modules with no transformers class: a
     warning names them). The input model is not modified.
+
+    ``keep_adapterhub_bias``: ``adapters.init`` gives DeBERTa v1's bias-free ``in_proj`` a randomly
+    drawn bias, so AdapterHub's DeBERTa computes another function than the transformers model;
+    such a model is refused unless this is True, which reproduces AdapterHub's function exactly
+    (``afkern.adapterhub_base.fold_adapterhub_bias``).
     """
     check_name(backend)
     try:
@@ -320,7 +326,9 @@ def from_adapterhub(model: nn.Module, backend: str = "auto") -> nn.Module:
     skip = (".adapters.", ".adapter_fusion_layer.", "invertible_adapters", "prefix_tuning", "prompt_tuning", "shared_parameters")
     ah_sd = top.state_dict()  # with a head: the head's weights too, base keys under base_model_prefix
     sd = {k: v for k, v in ah_sd.items() if not any(s in k for s in skip)}
-    _drop_added_base_params(sd, plain)
+    if keep_adapterhub_bias:
+        fold_adapterhub_bias(sd, plain)
+    drop_added_base_params(sd, plain)
     plain.load_state_dict(sd, strict=True)
     plain.train(model.training)
     if top is not base and getattr(model, "generation_config", None) is not None:
@@ -359,32 +367,6 @@ def from_adapterhub(model: nn.Module, backend: str = "auto") -> nn.Module:
     install_sites(plain, builds, install)
     track_model(plain)  # the temperature clock and the config.afkern record (afkern.pretrained)
     return plain
-
-
-def _drop_added_base_params(sd: Dict[str, torch.Tensor], plain: nn.Module) -> None:
-    """Remove from ``sd`` the base-model parameters ``adapters.init`` added that the plain model
-    cannot hold, if they are zero; else a ValueError that explains (DeBERTa v1's ``in_proj.bias``)."""
-    have = set(plain.state_dict())
-    extra = [k for k in sd if k not in have]
-    nonzero = [k for k in extra if bool(sd[k].ne(0).any())]
-    if nonzero:
-        deberta = [k for k in nonzero if k.endswith("in_proj.bias")]
-        if deberta:
-            raise ValueError(
-                f"this AdapterHub DeBERTa (v1) model has non-zero {deberta[:2]}{' ...' if len(deberta) > 2 else ''}: "
-                "adapters.init wraps the bias-free attention.self.in_proj in a LoRA layer that adds a randomly "
-                "initialised bias, so AdapterHub's DeBERTa computes another function than the transformers model "
-                "(by ~30% with no adapter active). afkern targets the plain transformers model and cannot hold "
-                "that bias. If you accept dropping it (the model then computes the plain DeBERTa with your "
-                "adapters; outputs change), zero it first:\n"
-                "    with torch.no_grad():\n"
-                "        for n, p in model.named_parameters():\n"
-                "            if n.endswith('attention.self.in_proj.bias'): p.zero_()"
-            )
-        raise ValueError(f"the AdapterHub model has base-model parameters the plain {type(plain).__name__} lacks: "
-                         f"{nonzero[:4]}; afkern converts the plain transformers model only")
-    for k in extra:
-        del sd[k]
 
 
 def _resolve_dirs(adapter_dirs) -> List[str]:
