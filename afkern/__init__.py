@@ -14,6 +14,7 @@ from .config import AdapterConfig, FusionConfig
 from .model import fused_blocks, fusion_regularization_loss, set_active_adapter, set_backend
 from .patching import patch_bert, patch_model
 from .adapterhub import from_adapterhub, load_adapterhub, save_adapterhub
+from .accelerate import accelerate
 from .pretrained import from_pretrained
 from .extend import add_adapters
 from .analysis import fusion_weights, plot_fusion_weights, record_fusion_weights
@@ -27,7 +28,7 @@ __all__ = [
     "__version__", "AdapterConfig", "FusionConfig", "FusedAdapterBlock", "KERNEL_ACTIVATIONS",
     # placing adapters and fusions in a model; AdapterHub and HF checkpoints
     "patch_model", "patch_bert", "add_adapters", "add_fusion", "set_active_fusion", "set_active_adapter",
-    "fusion_names", "from_adapterhub", "load_adapterhub", "save_adapterhub", "from_pretrained",
+    "fusion_names", "accelerate", "from_adapterhub", "load_adapterhub", "save_adapterhub", "from_pretrained",
     # running: backends, routing, training loss
     "set_backend", "available_backends", "resolve_backend", "route", "fusion_regularization_loss", "fused_blocks",
     # analysis and inference-time control of the fusion weights

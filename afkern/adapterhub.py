@@ -20,8 +20,10 @@ refused. Loading validates everything before the model is touched; writes are at
 
 from __future__ import annotations
 
+import copy
 import os
 import re
+import warnings
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -31,6 +33,7 @@ from ._io import atomic_write_bytes, atomic_write_json, read_json
 from .backends import check_name
 from .block import FusedAdapterBlock
 from .config import AdapterConfig, FusionConfig
+from .adapterhub_base import drop_added_base_params, fold_adapterhub_bias
 from .families import FAMILIES, family_of
 from .record import track_model
 from .model import fused_blocks, install, structure_kwargs
@@ -56,6 +59,24 @@ def _plain_class(module: nn.Module):
         if cls.__module__.startswith("transformers.models."):
             return cls
     raise TypeError(f"{type(module).__name__} is not built on a transformers model class")
+
+
+def _converted_class(model: nn.Module):
+    """(transformers class to build, the module whose weights it takes) for ``from_adapterhub``:
+    the model's own transformers class with its head (BertForSequenceClassification,
+    GPT2LMHeadModel, T5ForConditionalGeneration, ...), or the base class for a bare base model and
+    for AdapterHub's ``*AdapterModel`` (its flexible heads have no transformers class: warned)."""
+    base = model.base_model
+    if type(model).__module__.startswith("adapters."):  # AutoAdapterModel & co: flexible heads
+        heads = list(getattr(model, "heads", {}) or {})
+        if heads:
+            warnings.warn(f"from_adapterhub: {type(model).__name__}'s flexible heads {heads} are AdapterHub modules "
+                          "with no transformers class; the converted model is the base model without them (keep "
+                          "them from the AdapterHub model: model.heads[name])", UserWarning, stacklevel=3)
+        return _plain_class(base), base
+    if model is base:
+        return _plain_class(base), base
+    return _plain_class(model), model
 
 
 def _site_sig(spec_cfg: AdapterConfig) -> Tuple:
@@ -221,13 +242,20 @@ def _fill_fusion(module, fusion: Dict[str, torch.Tensor], where: str) -> None:
                 p.copy_(fusion[key].to(p.dtype))
 
 
-def from_adapterhub(model: nn.Module, backend: str = "auto") -> nn.Module:
+def from_adapterhub(model: nn.Module, backend: str = "auto", keep_adapterhub_bias: bool = False) -> nn.Module:
     """Convert a model prepared with ``adapters`` (active ``Fuse(...)`` of single adapters, or one
     active adapter) into a plain transformers model whose output modules are
     :class:`FusedAdapterBlock`s with the same weights. ``Stack`` / ``Parallel`` setups are refused.
 
-    For an ``adapters`` ``*AdapterModel`` (with prediction heads) the converted base model is
-    returned (heads are AdapterHub objects; move them yourself). The input model is not modified.
+    A model with a transformers head (``BertForSequenceClassification``, ``GPT2LMHeadModel``, ...)
+    comes back as that class with its head's weights; an ``adapters`` ``*AdapterModel`` comes back
+    as its base model (its flexible heads are AdapterHub modules with no transformers class: a
+    warning names them). The input model is not modified.
+
+    ``keep_adapterhub_bias``: ``adapters.init`` gives DeBERTa v1's bias-free ``in_proj`` a randomly
+    drawn bias, so AdapterHub's DeBERTa computes another function than the transformers model;
+    such a model is refused unless this is True, which reproduces AdapterHub's function exactly
+    (``afkern.adapterhub_base.fold_adapterhub_bias``).
     """
     check_name(backend)
     try:
@@ -263,7 +291,7 @@ def from_adapterhub(model: nn.Module, backend: str = "auto") -> nn.Module:
     acfg = _common_config(configs)
 
     base = model.base_model
-    cls = _plain_class(base)
+    cls, top = _converted_class(model)
     config = cls.config_class.from_dict(base.config.to_dict())
     for attr in ("adapters", "adapter_config"):
         if hasattr(config, attr):
@@ -275,11 +303,15 @@ def from_adapterhub(model: nn.Module, backend: str = "auto") -> nn.Module:
     p0 = next(base.parameters())
     plain.to(device=p0.device, dtype=p0.dtype)
     skip = (".adapters.", ".adapter_fusion_layer.", "invertible_adapters", "prefix_tuning", "prompt_tuning", "shared_parameters")
-    ah_sd = base.state_dict()
+    ah_sd = top.state_dict()  # with a head: the head's weights too, base keys under base_model_prefix
     sd = {k: v for k, v in ah_sd.items() if not any(s in k for s in skip)}
-    _drop_added_base_params(sd, plain)
+    if keep_adapterhub_bias:
+        fold_adapterhub_bias(sd, plain)
+    drop_added_base_params(sd, plain)
     plain.load_state_dict(sd, strict=True)
     plain.train(model.training)
+    if top is not base and getattr(model, "generation_config", None) is not None:
+        plain.generation_config = copy.deepcopy(model.generation_config)
     family = family_of(plain)
 
     weights = {n: _parse_site_keys({k: v for k, v in ah_sd.items() if f".adapters.{n}." in k}, "adapters", n,
@@ -315,32 +347,6 @@ def from_adapterhub(model: nn.Module, backend: str = "auto") -> nn.Module:
     install_sites(plain, builds, install)
     track_model(plain)  # the temperature clock and the config.afkern record (afkern.pretrained)
     return plain
-
-
-def _drop_added_base_params(sd: Dict[str, torch.Tensor], plain: nn.Module) -> None:
-    """Remove from ``sd`` the base-model parameters ``adapters.init`` added that the plain model
-    cannot hold, if they are zero; else a ValueError that explains (DeBERTa v1's ``in_proj.bias``)."""
-    have = set(plain.state_dict())
-    extra = [k for k in sd if k not in have]
-    nonzero = [k for k in extra if bool(sd[k].ne(0).any())]
-    if nonzero:
-        deberta = [k for k in nonzero if k.endswith("in_proj.bias")]
-        if deberta:
-            raise ValueError(
-                f"this AdapterHub DeBERTa (v1) model has non-zero {deberta[:2]}{' ...' if len(deberta) > 2 else ''}: "
-                "adapters.init wraps the bias-free attention.self.in_proj in a LoRA layer that adds a randomly "
-                "initialised bias, so AdapterHub's DeBERTa computes another function than the transformers model "
-                "(by ~30% with no adapter active). afkern targets the plain transformers model and cannot hold "
-                "that bias. If you accept dropping it (the model then computes the plain DeBERTa with your "
-                "adapters; outputs change), zero it first:\n"
-                "    with torch.no_grad():\n"
-                "        for n, p in model.named_parameters():\n"
-                "            if n.endswith('attention.self.in_proj.bias'): p.zero_()"
-            )
-        raise ValueError(f"the AdapterHub model has base-model parameters the plain {type(plain).__name__} lacks: "
-                         f"{nonzero[:4]}; afkern converts the plain transformers model only")
-    for k in extra:
-        del sd[k]
 
 
 def _resolve_dirs(adapter_dirs) -> List[str]:
@@ -498,8 +504,10 @@ def save_adapterhub(model: nn.Module, out_dir: str, safe_serialization: Optional
     blocks = list(fused_blocks(model))
     if not blocks:
         raise ValueError(f"{type(model).__name__} has no FusedAdapterBlock to save")
-    base = getattr(model, "base_model", model)
-    prefix = "" if base is model else f"{model.base_model_prefix}."
+    # Keys always carry the transformers base_model_prefix ("bert.encoder.layer.0..."): AdapterHub's
+    # loaders strip it for a base model and need it for a head or *AdapterModel class, whose fusion
+    # loader would otherwise skip every key without a word
+    prefix = f"{model.base_model_prefix}." if getattr(model, "base_model_prefix", "") else ""
     ah_names = {id(b): slot.ah_prefix for slot, b in site_blocks(model, family_of(model))}  # AdapterHub's site names
     names = blocks[0][1].adapter_names
     acfg = blocks[0][1].adapter_config

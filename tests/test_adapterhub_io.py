@@ -194,11 +194,11 @@ def test_base_prefix_either_way(tmp_path, src, dst):
 def test_from_adapterhub_matches(tmp_path):
     ah = _adapters_model("BertForSequenceClassification", "double_seq_bn", "dynamic")
     conv = afkern.from_adapterhub(ah)
+    assert type(conv) is _cls("BertForSequenceClassification")  # the head is kept (issue 20)
     inputs = _inputs()
-    with torch.no_grad():
-        want = ah(**inputs, output_hidden_states=True).hidden_states[-1]
-        got = conv(**inputs).last_hidden_state
+    (want, want_logits), (got, got_logits) = _outputs(ah, inputs), _outputs(conv, inputs)
     torch.testing.assert_close(got, want, **TOL64)
+    torch.testing.assert_close(got_logits, want_logits, **TOL64)
     assert len(list(afkern.fused_blocks(conv))) == 4
 
 

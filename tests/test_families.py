@@ -169,8 +169,11 @@ def test_save_load_round_trip_with_adapterhub_keys(name, tmp_path):
     keys = {n: sorted(torch.load(os.path.join(written[n], f), weights_only=True))
             for n, f in (("a", "pytorch_adapter.bin"), ("a,b,c", "pytorch_model_adapter_fusion.bin"))}
     want = F.expected_key_patterns(spec, VARIANT[placement])
-    assert sorted({F.normalise_key(k) for k in keys["a"]}) == want["adapter"]
-    assert sorted({F.normalise_key(k) for k in keys["a,b,c"]}) == want["fusion"]
+    # keys carry the base_model_prefix, which AdapterHub's head classes need (issue 20)
+    bp = model.base_model_prefix + "."
+    assert all(k.startswith(bp) for ks in keys.values() for k in ks)
+    assert sorted({F.normalise_key(k[len(bp):]) for k in keys["a"]}) == want["adapter"]
+    assert sorted({F.normalise_key(k[len(bp):]) for k in keys["a,b,c"]}) == want["fusion"]
     cfg = json.load(open(os.path.join(written["a"], "adapter_config.json")))
     assert cfg["config"]["cross_adapter"] == (placement == "cross")
     fresh = F.make_plain(spec)  # the same base weights (seeded)
@@ -184,8 +187,8 @@ def test_save_load_round_trip_with_adapterhub_keys(name, tmp_path):
 @pytest.mark.parametrize("name,head", [("gpt2", "GPT2LMHeadModel"), ("llama", "LlamaForCausalLM"),
                                        ("t5", "T5ForConditionalGeneration"), ("vit", "ViTForImageClassification")])
 def test_head_models_save_with_prefix_and_load_bare(name, head, tmp_path):
-    """A model with a head saves AdapterHub's keys with its base-model prefix (none for
-    T5ForConditionalGeneration, whose base model is itself); the bare model loads them."""
+    """A model with a head saves AdapterHub's keys with its base-model prefix (T5's too, although
+    T5ForConditionalGeneration is its own base model); the bare model loads them."""
     import transformers
 
     spec = F.FAMILIES[name]
@@ -197,7 +200,7 @@ def test_head_models_save_with_prefix_and_load_bare(name, head, tmp_path):
     from safetensors.torch import load_file
 
     keys = list(load_file(os.path.join(written["a"], "adapter.safetensors")))
-    starts = {"gpt2": ("transformer.h.",), "llama": ("model.layers.",), "t5": ("encoder.block.", "decoder.block."),
+    starts = {"gpt2": ("transformer.h.",), "llama": ("model.layers.",), "t5": ("transformer.encoder.block.", "transformer.decoder.block."),
               "vit": ("vit.encoder.layer.",)}[name]
     assert all(k.startswith(starts) for k in keys), keys[:2]
     bare = F.make_plain(spec)

@@ -141,8 +141,10 @@ def test_family_matches_adapters(tmp_path, model_type):
         got = plain(**inputs, output_hidden_states=True)
         torch.testing.assert_close(got.hidden_states[-1], want.hidden_states[-1], atol=1e-10, rtol=1e-9)
         torch.testing.assert_close(got.logits, want.logits, atol=1e-10, rtol=1e-9)
-        conv = afkern.from_adapterhub(ah)
-        torch.testing.assert_close(conv(**inputs).last_hidden_state, want.hidden_states[-1], atol=1e-10, rtol=1e-9)
+        conv = afkern.from_adapterhub(ah)  # keeps the head (issue 20)
+        got = conv(**inputs, output_hidden_states=True)
+        torch.testing.assert_close(got.hidden_states[-1], want.hidden_states[-1], atol=1e-10, rtol=1e-9)
+        torch.testing.assert_close(got.logits, want.logits, atol=1e-10, rtol=1e-9)
 
 
 @pytest.mark.parametrize("model_type,match", [

@@ -100,10 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "case instead of all of them; large GPU cases need it (default: all)")
     p.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr (log lines only)")
-    from . import decode, multifusion
+    from . import accelerate, decode, multifusion
 
     multifusion.add_arguments(p)
     decode.add_arguments(p)
+    accelerate.add_arguments(p)
     return p
 
 
@@ -193,6 +194,10 @@ def _run(args, argv: List[str]) -> int:
         from . import decode
 
         return decode.run(args, cfg, out_dir, argv)
+    if getattr(args, "accelerate", False):
+        from . import accelerate
+
+        return accelerate.run(args, cfg, out_dir, argv)
     import afkern
     from afkern.backends import resolve_backend
 
