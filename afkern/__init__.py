@@ -23,6 +23,7 @@ from .control import (
     select_adapters, zero_adapters,
 )
 from .routing import add_fusion, fusion_names, prune_fusion, route, set_active_fusion
+from .parallel import parallel
 
 __all__ = [
     "__version__", "AdapterConfig", "FusionConfig", "FusedAdapterBlock", "KERNEL_ACTIVATIONS",
@@ -30,7 +31,7 @@ __all__ = [
     "patch_model", "patch_bert", "add_adapters", "add_fusion", "set_active_fusion", "set_active_adapter",
     "fusion_names", "accelerate", "from_adapterhub", "load_adapterhub", "save_adapterhub", "from_pretrained",
     # running: backends, routing, training loss
-    "set_backend", "available_backends", "resolve_backend", "route", "fusion_regularization_loss", "fused_blocks",
+    "set_backend", "available_backends", "resolve_backend", "route", "parallel", "fusion_regularization_loss", "fused_blocks",
     # analysis and inference-time control of the fusion weights
     "fusion_weights", "record_fusion_weights", "plot_fusion_weights", "FusionControl", "zero_adapters",
     "force_adapter", "force_fusion_weights", "clear_fusion_control", "fusion_control", "select_adapters",
