@@ -71,6 +71,7 @@ class RouteState:
     names: List[str]
     blocks: frozenset
     _plans: Cache = dataclasses.field(default_factory=Cache)
+    kinds: Optional[List[str]] = None  # kind "mixed": each entry's own kind ("fusion" / "adapter")
 
     def covers(self, block) -> bool:
         return id(block) in self.blocks
@@ -357,6 +358,8 @@ def forward(block, h: torch.Tensor, residual_input: torch.Tensor) -> torch.Tenso
     lead = tuple(h.shape[:-1])
     h2, x2 = h.reshape(-1, d), residual_input.reshape(-1, d)
     state = None if torch.compiler.is_compiling() else current_route(block)
+    if state is not None and state.kind == "mixed":
+        return _mixed_forward(block, h, residual_input, state)
     if state is None:
         backend, P, spec, plan = _compile_active(block, h2)
     else:
@@ -366,3 +369,27 @@ def forward(block, h: torch.Tensor, residual_input: torch.Tensor) -> torch.Tenso
         w = probs.detach().reshape(*lead, probs.shape[-1])
         block.record(w, None if plan.rows is None else RecordedRoute(plan.rows, w))
     return out.reshape(*lead, d)
+
+
+def _mixed_forward(block, h: torch.Tensor, residual_input: torch.Tensor, state: RouteState) -> torch.Tensor:
+    """A route whose entries mix fusions and single adapters (``afkern.parallel``): the sequences
+    (or tokens) of each kind run as one routed layer call of that kind, written back in place.
+    ``state.kinds[i]`` is entry i's kind."""
+    lead = tuple(h.shape[:-1])
+    n = lead[0]
+    if n != len(state.names):
+        state.plan(block, lead, h.device)  # raises the route-length error
+    out = torch.empty(h.shape, dtype=torch.promote_types(h.dtype, residual_input.dtype), device=h.device)
+    for kind in ("fusion", "adapter"):
+        rows = [i for i, k in enumerate(state.kinds) if k == kind]
+        if not rows:
+            continue
+        idx = torch.tensor(rows, device=h.device)
+        sub = RouteState(kind, [state.names[i] for i in rows], state.blocks)
+        token = ACTIVE_ROUTES.set(ACTIVE_ROUTES.get() + (sub,))
+        try:
+            part = forward(block, h.index_select(0, idx), residual_input.index_select(0, idx))
+        finally:
+            ACTIVE_ROUTES.reset(token)
+        out = out.index_copy(0, idx, part.to(out.dtype))
+    return out

@@ -41,8 +41,7 @@ import torch.nn as nn
 
 from .families import family_of
 from .model import blocks_of
-from .ops.routed import ACTIVE_ROUTES
-from .routing import RouteState
+from .compiler import ACTIVE_ROUTES, RouteState
 from .sites import slots_of
 
 __all__ = ["parallel", "replicated_layers"]
@@ -56,6 +55,7 @@ class _Setups:
     names: Tuple[str, ...]
     kind: str
     blocks: frozenset
+    kinds: Tuple[str, ...] = ()
 
 
 @dataclasses.dataclass
@@ -136,7 +136,9 @@ class _ModelHooks:
         B = _batch_size(args, kwargs)
         call = _Call(setups, B)
         names = [n for n in setups.names for _ in range(B)]
-        route_token = ACTIVE_ROUTES.set(ACTIVE_ROUTES.get() + (RouteState(setups.kind, names, setups.blocks),))
+        kinds = [k for k in setups.kinds for _ in range(B)] if setups.kind == "mixed" else None
+        route = RouteState(setups.kind, names, setups.blocks, kinds=kinds)
+        route_token = ACTIVE_ROUTES.set(ACTIVE_ROUTES.get() + (route,))
         call_token = _CALLS.set(_CALLS.get() + (call,))
         _STACK.set(_STACK.get() + ((route_token, call_token),))
         if "labels" in kwargs and isinstance(kwargs["labels"], torch.Tensor):
@@ -216,7 +218,7 @@ def _uninstall(model: nn.Module) -> None:
             del _HOOKS[id(model)]
 
 
-def _resolve_setups(model: nn.Module, setups: Sequence[str]) -> Tuple[Tuple[str, ...], str, frozenset]:
+def _resolve_setups(model: nn.Module, setups: Sequence[str]):
     if isinstance(setups, str) or not isinstance(setups, (list, tuple)):
         raise TypeError(f"afkern.parallel takes a list of setup names (adapters or fusions), got {setups!r}")
     names = list(setups)
@@ -243,7 +245,7 @@ def _resolve_setups(model: nn.Module, setups: Sequence[str]) -> Tuple[Tuple[str,
         if missing:
             raise ValueError(f"setups {missing} are missing in some blocks of the model")
     kind = kinds[0] if len(set(kinds)) == 1 else "mixed"
-    return tuple(names), kind, frozenset(id(b) for b in blocks)
+    return tuple(names), kind, frozenset(id(b) for b in blocks), tuple(kinds)
 
 
 @contextlib.contextmanager
@@ -255,11 +257,9 @@ def parallel(model: nn.Module, setups: Sequence[str]) -> Iterator[nn.Module]:
     empty list or a name twice raises and changes nothing."""
     if hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":
         raise ValueError("afkern.parallel does not reach into a torch.compile'd model; use the uncompiled model")
-    names, kind, blocks = _resolve_setups(model, setups)
-    if kind == "mixed":
-        raise NotImplementedError  # replaced below once the segmented layer routes mixed setups
+    names, kind, blocks, kinds = _resolve_setups(model, setups)
     replicated_layers(model)  # raises before anything is installed if the model has no site table entry
-    state = _Setups(id(model), names, kind, blocks)
+    state = _Setups(id(model), names, kind, blocks, kinds)
     _install(model)
     token = _OPEN.set(_OPEN.get() + (state,))
     try:
