@@ -8,7 +8,7 @@
 #   bash scripts/mutants.sh --list FILE           another list (same format)
 #   bash scripts/mutants.sh --no-baseline         skip the unmutated runs
 #
-# Exit status 0: every mutant that ran was killed; 1: a survivor or a stale entry; 2: a test
+# Exit status 0: every mutant that ran was killed; 1: a survivor or an ERROR (a stale anchor); 2: a test
 # selection fails on the unmutated tree. Mutants of csrc/ need a CUDA device (reported NEEDS-GPU
 # elsewhere). Environment: PYTHON (default .venv/bin/python), AFKERN_MUTANTS_DIR (scratch folder).
 set -euo pipefail

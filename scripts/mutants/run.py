@@ -23,7 +23,9 @@ CUDA device they are reported NEEDS-GPU and not run; with one, the tests run wit
 ``TORCH_EXTENSIONS_DIR``, so the mutated ``csrc/`` is compiled (a minute or two per mutant).
 
 Exit status: 0 when every mutant that ran was killed and every entry is valid; 1 when a mutant
-survived or an entry is stale (its ``find`` text is no longer in its file); 2 on a failing baseline.
+survived or an entry is an ERROR (stale: its ``find`` anchor is no longer in its file exactly once,
+e.g. after a restructure moved the line; it is never counted as killed and must be re-anchored);
+2 on a failing baseline.
 """
 
 from __future__ import annotations
@@ -204,11 +206,11 @@ def main(argv=None) -> int:
     for m in mutants:
         src = os.path.join(ROOT, m.file)
         if not os.path.exists(src):
-            m.result, m.detail = "STALE", f"{m.file} does not exist"
+            m.result, m.detail = "ERROR", f"stale entry: {m.file} does not exist"
             continue
         n = open(src, encoding="utf-8").read().count(m.find)
         if n != 1:
-            m.result, m.detail = "STALE", f"find text occurs {n} times in {m.file} (must be once)"
+            m.result, m.detail = "ERROR", f"stale anchor: the find text occurs {n} times in {m.file} (must be once); re-anchor it"
         elif m.needs == "gpu" and not gpu:
             m.result, m.detail = "NEEDS-GPU", "not run: only the CUDA kernels' tests on a device can kill it"
 
@@ -248,7 +250,7 @@ def main(argv=None) -> int:
         elif rc == 0:
             m.result, m.detail = "SURVIVED", summary_line(out)
         elif rc == 5:
-            m.result, m.detail = "STALE", "its tests selection collected no tests"
+            m.result, m.detail = "ERROR", "its tests selection collected no tests"
         elif rc == -1:
             m.result, m.detail = "TIMEOUT", f"over {args.timeout} s"
         else:
@@ -259,10 +261,10 @@ def main(argv=None) -> int:
     print("\n%-*s %-9s %s" % (w, "mutant", "result", "killed by / why not"))
     for m in mutants:
         print("%-*s %-9s %s" % (w, m.id, m.result, m.detail))
-    bad = [m for m in mutants if m.result in ("SURVIVED", "STALE", "TIMEOUT")]
+    bad = [m for m in mutants if m.result in ("SURVIVED", "ERROR", "TIMEOUT")]
     for m in bad:
         print(f"\n{m.result}: {m.id} ({m.file}, list line {m.line}): {m.why}")
-    counts = {r: sum(m.result == r for m in mutants) for r in ("KILLED", "SURVIVED", "NEEDS-GPU", "STALE", "TIMEOUT")}
+    counts = {r: sum(m.result == r for m in mutants) for r in ("KILLED", "SURVIVED", "NEEDS-GPU", "ERROR", "TIMEOUT")}
     print("\n" + ", ".join(f"{v} {k.lower()}" for k, v in counts.items() if v))
     return 1 if bad else 0
 
