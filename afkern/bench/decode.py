@@ -80,16 +80,6 @@ def add_arguments(p) -> None:
                         "function, torch.profiler by op) into decode_profile.txt")
 
 
-def _positive_ints(s: str, option: str) -> List[int]:
-    try:
-        vals = sorted({int(v) for v in s.split(",") if v.strip()})
-    except ValueError:
-        raise SystemExit(f"afkern-bench: {option} expects comma-separated integers, got {s!r}") from None
-    if not vals or vals[0] < 1:
-        raise SystemExit(f"afkern-bench: {option} must be positive integers, got {s!r}")
-    return vals
-
-
 # ---------------------------------------------------------------------------------- models
 def build_models(shape, n: int, layers: int, vocab: int, device, dtype, seed: int, backend: str = "torch",
                  with_adapters: bool = True) -> Tuple[nn.Module, Optional[nn.Module], str, nn.Module]:
@@ -287,7 +277,9 @@ def run(args, cfg: dict, out_dir: str, argv: List[str]) -> int:
     import afkern
 
     device, dtype = cfg["device"], cfg["dtype"]
-    batches = _positive_ints(args.decode_batch, "--decode-batch")
+    from .multifusion import positive_ints
+
+    batches = positive_ints(args.decode_batch, "--decode-batch")
     new_tokens = args.new_tokens if args.new_tokens is not None else (16 if args.quick else 32)
     layers, n = args.layers or 4, (args.model_n_adapters or [8])[0]
     for name, v in (("--prompt-len", args.prompt_len), ("--new-tokens", new_tokens), ("--vocab-size", args.vocab_size)):
