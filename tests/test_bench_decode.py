@@ -47,9 +47,13 @@ def test_decode_case_runs_tiny_and_writes_rows(tmp_path):
         assert math.isclose(float(r["tokens_per_s"]), b * 1e3 / ms, rel_tol=1e-4)
         assert math.isclose(float(r["p20_tokens_per_s"]), b * 1e3 / p80, rel_tol=1e-4)
         assert float(r["ratio_to_plain"]) > 0 and float(r["speedup_vs_adapters"]) > 0
+        # the prefill timed in the same group: one decoding step = (generate - prefill) / (new tokens - 1)
+        step, pre = float(r["decode_ms_per_step"]), float(r["prefill_ms"])
+        assert pre > 0 and float(r["p20_decode_ms_per_step"]) <= step <= float(r["p80_decode_ms_per_step"])
+        assert float(r["decode_ratio_to_plain"]) > 0
     for r in rows:
         if r["provider"] == "plain":
-            assert float(r["ratio_to_plain"]) == 1.0 and r["rel_err"] == ""
+            assert float(r["ratio_to_plain"]) == 1.0 == float(r["decode_ratio_to_plain"]) and r["rel_err"] == ""
         else:  # checked against the float64 oracle before timing
             assert 0 <= float(r["rel_err"]) <= max(2 * float(r["ref_rel_err"]), 1e-5)
     doc = json.loads((folder / "decode.json").read_text())

@@ -17,7 +17,9 @@ One module per concern, each documenting its part at the top:
 * :mod:`.env` -- the machine: its name, its results folder, versions, load;
 * :mod:`.progress` -- the progress bar with an ETA (stderr);
 * :mod:`.report` -- the table, ``bench.csv``, ``results.md`` and the plots;
-* :mod:`.sweep` / :mod:`.cli` -- the sweep over (family, kind, N, tokens, mode); the command line.
+* :mod:`.sweep` / :mod:`.cli` -- the sweep over (family, kind, N, tokens, mode); the command line;
+* :mod:`.multifusion` / :mod:`.decode` -- the ``--multifusion`` and ``--decode`` cases (several
+  fusions in one batch; greedy ``generate()`` with the KV cache, :mod:`.decode_profile` its profile).
 """
 
 from .cases import BLOCK_MODES, MODEL_MODES, make_inputs, prepare_call, tokens_shape

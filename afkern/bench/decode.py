@@ -20,19 +20,23 @@ Correctness, before timing. The oracle is afkern's ``reference`` path in float64
 weights, run teacher-forced (one uncached forward) over each provider's generated sequence; a
 provider's error is ``||logits - oracle|| / ||oracle||`` over every generated step, its logits
 recomputed along its sequence as decoding computes them (prefill, then one token at a time with
-the KV cache) in its own dtype (``generate()`` rounds the logits it returns to float32). afkern and ``adapters`` are timed only if (a) they generate the same tokens as
-each other and (b) each one's error is at most ``max(2 * e_ref, FLOOR[dtype])``, ``e_ref`` being the
-error of the ``reference`` path's own cached generation in the run's dtype (``check.py``'s rule).
+the KV cache) in its own dtype (``generate()`` rounds the logits it returns to float32). afkern
+and ``adapters`` are timed only if (a) they generate the same tokens as each other and (b) each
+one's error is at most ``max(2 * e_ref, FLOOR[dtype])``, ``e_ref`` being the error of the
+``reference`` path's own cached generation in the run's dtype (``check.py``'s rule).
 
-Timing: one group per batch size, every provider in it round-robin (``timing.run_group``: warm-up,
-``repeats`` samples, the starting provider rotating), so machine load hits every provider alike. A
-call is one ``generate()``: the prompt's prefill and ``new_tokens`` decoding steps. Reported per
-provider: ms per generated token (call time / new tokens, median and p20-p80 of the samples),
-tokens per second (batch / ms per token at the median; its p20-p80 from ms per token's
-p80-p20), the ratio to ``plain`` and the speed-up over
-``adapters`` (medians over rounds of the per-round ratio), peak memory. ``TARGETS`` are issue 18's
-ratios to the plain model per token. Writes ``decode.csv`` and ``decode.json`` (atomically) under
-``OUTPUT_DIR/<device-slug>/``; ``--decode-profile`` also writes ``decode_profile.txt`` (where
+Timing: one group per batch size, every case in it round-robin (``timing.run_group``: warm-up,
+``repeats`` samples, the starting case rotating), so machine load hits every provider alike. A
+call is one ``generate()``: the prompt's prefill (which gives the first token) and
+``new_tokens - 1`` decoding steps. Reported per provider: ms per generated token (call time / new
+tokens, median and p20-p80 of the samples), tokens per second (batch / ms per token at the
+median; its p20-p80 from ms per token's p80-p20), the ratio to ``plain`` and the speed-up over
+``adapters`` (medians over rounds of the per-round ratio), peak memory. Each provider's prefill
+alone (``prefill``: the prompt's forward with the cache) is timed in the same group, so each round
+also gives the time of one decoding step, ``(generate - prefill) / (new_tokens - 1)``:
+``decode_ms_per_step`` and ``decode_ratio_to_plain``, the per-token cost without the prompt's.
+``TARGETS`` are issue 18's ratios to the plain model per token. Writes ``decode.csv`` and
+``decode.json`` (atomically) under ``OUTPUT_DIR/<device-slug>/``; ``--decode-profile`` also writes ``decode_profile.txt`` (where
 afkern's per-token time goes at batch 1: :mod:`.decode_profile`).
 """
 
@@ -52,14 +56,17 @@ from .report import write_csv
 from .stats import paired_ratio, percentile
 from .timing import Case, run_group
 
-__all__ = ["add_arguments", "run", "build_models", "make_prompt", "generate", "cached_logits", "check", "decode_rows",
+__all__ = ["add_arguments", "run", "build_models", "make_prompt", "generate", "prefill", "cached_logits", "check", "decode_rows",
            "PROVIDERS", "TARGETS", "COLUMNS"]
 
 PROVIDERS = ("plain", "afkern", "adapters")
+PREFILL = "/prefill"  # the case timing a provider's prefill alone, in the same group
 TARGETS = {1: 1.15, 8: 1.10}  # afkern / plain per token after issue 18's restructure, by batch size
 COLUMNS = ["batch", "provider", "status", "rel_err", "ref_rel_err", "ms_per_token", "p20_ms_per_token",
            "p80_ms_per_token", "tokens_per_s", "p20_tokens_per_s", "p80_tokens_per_s", "call_ms", "repeats", "inner",
-           "ratio_to_plain", "speedup_vs_adapters", "peak_mem_mb", "prompt_len", "new_tokens", "n_adapters", "layers",
+           "ratio_to_plain", "speedup_vs_adapters", "prefill_ms", "decode_ms_per_step", "p20_decode_ms_per_step",
+           "p80_decode_ms_per_step", "decode_ratio_to_plain", "peak_mem_mb", "prompt_len", "new_tokens", "n_adapters",
+           "layers",
            "hidden", "vocab", "backend", "dtype", "device", "threads", "clock", "load1", "torch", "transformers",
            "adapters", "afkern"]
 
@@ -78,16 +85,6 @@ def add_arguments(p) -> None:
     g.add_argument("--decode-profile", action="store_true",
                    help="--decode: also profile afkern's and the plain model's generate() at batch 1 (cProfile by "
                         "function, torch.profiler by op) into decode_profile.txt")
-
-
-def _positive_ints(s: str, option: str) -> List[int]:
-    try:
-        vals = sorted({int(v) for v in s.split(",") if v.strip()})
-    except ValueError:
-        raise SystemExit(f"afkern-bench: {option} expects comma-separated integers, got {s!r}") from None
-    if not vals or vals[0] < 1:
-        raise SystemExit(f"afkern-bench: {option} must be positive integers, got {s!r}")
-    return vals
 
 
 # ---------------------------------------------------------------------------------- models
@@ -183,6 +180,12 @@ def generate(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> torch.Tens
                               min_new_tokens=new_tokens, do_sample=False, use_cache=True, pad_token_id=0)
 
 
+def prefill(model: nn.Module, ids: torch.Tensor):
+    """The prompt's forward with the KV cache, the first step of ``generate()`` (last position's logits only)."""
+    with torch.no_grad():
+        return model(ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1)
+
+
 # ---------------------------------------------------------------------------------- check
 def cached_logits(model: nn.Module, seq: torch.Tensor, prompt_len: int) -> torch.Tensor:
     """``model``'s logits over ``seq`` as greedy decoding computes them -- the prompt's prefill,
@@ -237,6 +240,13 @@ def check(fm: nn.Module, am: Optional[nn.Module], ids: torch.Tensor, new_tokens:
 
 
 # ---------------------------------------------------------------------------------- rows
+def _decode_steps(gen: List[float], pre: List[float], new_tokens: int) -> List[float]:
+    """Per round, the time of one decoding step after the prefill: (generate - prefill) / (new_tokens - 1)."""
+    if new_tokens < 2:
+        return []
+    return [(g - p) / (new_tokens - 1) for g, p in zip(gen, pre)]
+
+
 def decode_rows(cases: List[Case], batch: int, new_tokens: int, checks: Dict[str, dict], base: dict) -> List[dict]:
     """One row per provider of a timed group (module doc); ``base``: the columns every row shares."""
     by = {c.provider: c for c in cases}
@@ -248,6 +258,8 @@ def decode_rows(cases: List[Case], batch: int, new_tokens: int, checks: Dict[str
         med, p20, p80 = (percentile(per_tok, q) for q in (0.5, 0.2, 0.8))
         ck = checks.get(p, {})
         other = lambda q: by[q].samples if q in by and s else []  # noqa: E731
+        steps = _decode_steps(s, other(p + PREFILL), new_tokens)
+        plain_steps = _decode_steps(other("plain"), other("plain" + PREFILL), new_tokens)
         rows.append(dict(
             base, batch=batch, provider=p,
             status=ck.get("status", "ok" if c else "not run"), rel_err=ck.get("rel_err", float("nan")),
@@ -257,6 +269,9 @@ def decode_rows(cases: List[Case], batch: int, new_tokens: int, checks: Dict[str
             call_ms=percentile(s, 0.5), repeats=len(s), inner=c.inner if c else 0,
             ratio_to_plain=paired_ratio(s, other("plain")) if other("plain") else float("nan"),
             speedup_vs_adapters=paired_ratio(other("adapters"), s) if other("adapters") else float("nan"),
+            prefill_ms=percentile(other(p + PREFILL), 0.5), decode_ms_per_step=percentile(steps, 0.5),
+            p20_decode_ms_per_step=percentile(steps, 0.2), p80_decode_ms_per_step=percentile(steps, 0.8),
+            decode_ratio_to_plain=paired_ratio(steps, plain_steps) if steps and plain_steps else float("nan"),
             peak_mem_mb=c.peak_mb if c else float("nan"), load1=env.load1()))
     return rows
 
@@ -272,7 +287,9 @@ def summary(rows: List[dict]) -> str:
         a, t = at.get("afkern"), TARGETS.get(b)
         if t is not None and a is not None and a["repeats"]:
             verdict = "met" if a["ratio_to_plain"] <= t else "NOT met"
-            out.append(f"  afkern / plain per token {a['ratio_to_plain']:.3f} (issue 18 target <= {t}: {verdict})")
+            out.append(f"  afkern / plain per token {a['ratio_to_plain']:.3f} (issue 18 target <= {t}: {verdict}); "
+                       f"per decoding step after the prefill {a['decode_ratio_to_plain']:.3f} "
+                       f"({a['decode_ms_per_step']:.2f} ms, plain {at['plain']['decode_ms_per_step']:.2f} ms)")
         for p in PROVIDERS:
             if p in at and at[p]["status"] != "ok":
                 out.append(f"  {p} not timed: {at[p]['status']}")
@@ -287,7 +304,9 @@ def run(args, cfg: dict, out_dir: str, argv: List[str]) -> int:
     import afkern
 
     device, dtype = cfg["device"], cfg["dtype"]
-    batches = _positive_ints(args.decode_batch, "--decode-batch")
+    from .multifusion import positive_ints
+
+    batches = positive_ints(args.decode_batch, "--decode-batch")
     new_tokens = args.new_tokens if args.new_tokens is not None else (16 if args.quick else 32)
     layers, n = args.layers or 4, (args.model_n_adapters or [8])[0]
     for name, v in (("--prompt-len", args.prompt_len), ("--new-tokens", new_tokens), ("--vocab-size", args.vocab_size)):
@@ -317,8 +336,9 @@ def run(args, cfg: dict, out_dir: str, argv: List[str]) -> int:
     for b in batches:
         ids = make_prompt(b, args.prompt_len, args.vocab_size, cfg["seed"], device)
         checks = check(fm, am, ids, new_tokens)
-        cases = [Case(p, (lambda m=m: lambda: generate(m, ids, new_tokens))) for p, m in models.items()
-                 if m is not None and checks.get(p, {}).get("status", "ok") == "ok"]
+        ok = {p: m for p, m in models.items() if m is not None and checks.get(p, {}).get("status", "ok") == "ok"}
+        cases = [Case(p, (lambda m=m: lambda: generate(m, ids, new_tokens))) for p, m in ok.items()]
+        cases += [Case(p + PREFILL, (lambda m=m: lambda: prefill(m, ids))) for p, m in ok.items()]
         run_group(cases, cfg["repeats"], cfg["warmup"], cfg["min_sample_ms"], device, cfg["clock"], cfg["warmup_ms"])
         rows += decode_rows(cases, b, new_tokens, checks, base)
         print("  " + summary([r for r in rows if r["batch"] == b]).replace("\n", "\n  "), flush=True)

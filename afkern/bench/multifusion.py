@@ -59,14 +59,15 @@ def add_arguments(p) -> None:
                    help="--multifusion: the K values (comma-separated); the largest is the headline case")
 
 
-def _ks(s: str) -> List[int]:
+def positive_ints(s: str, option: str) -> List[int]:
+    """The sorted distinct positive integers of a comma-separated option; SystemExit naming it."""
     try:
-        ks = sorted({int(v) for v in s.split(",") if v.strip()})
+        vals = sorted({int(v) for v in s.split(",") if v.strip()})
     except ValueError:
-        raise SystemExit(f"afkern-bench: --fusions expects comma-separated integers, got {s!r}") from None
-    if not ks or ks[0] < 1:
-        raise SystemExit(f"afkern-bench: --fusions must be positive integers, got {s!r}")
-    return ks
+        raise SystemExit(f"afkern-bench: {option} expects comma-separated integers, got {s!r}") from None
+    if not vals or vals[0] < 1:
+        raise SystemExit(f"afkern-bench: {option} must be positive integers, got {s!r}")
+    return vals
 
 
 # ---------------------------------------------------------------------------------- models
@@ -198,7 +199,7 @@ def run(args, cfg: dict, out_dir: str, argv: List[str]) -> int:
     import afkern
 
     device, dtype = cfg["device"], cfg["dtype"]
-    ks = _ks(args.fusions)
+    ks = positive_ints(args.fusions, "--fusions")
     layers = args.layers or 4
     tokens = (args.model_tokens or [512])[0]
     n = (args.model_n_adapters or [16])[0]
