@@ -78,6 +78,8 @@ class _Call:
 
 _OPEN: contextvars.ContextVar[tuple] = contextvars.ContextVar("afkern_parallel", default=())
 _CALLS: contextvars.ContextVar[tuple] = contextvars.ContextVar("afkern_parallel_call", default=())
+#: the context-variable tokens of each open call (route, call), reset by the post-hook
+_STACK: contextvars.ContextVar[tuple] = contextvars.ContextVar("afkern_parallel_tokens", default=())
 _LOCK = threading.Lock()
 _HOOKS: Dict[int, list] = {}  # id(model) -> [open count, hook handles]; guarded by _LOCK
 
@@ -123,10 +125,8 @@ def _tile_tree(call: _Call, x):
 class _ModelHooks:
     """The model-level pre-hook (open a per-call route) and post-hook (close it)."""
 
-    def __init__(self, model: nn.Module):
-        self.model_id = id(model)
-
-    def pre(self, module, args, kwargs):
+    @staticmethod
+    def pre(module, args, kwargs):
         setups = _open_for(module)
         if setups is None:
             return None
@@ -147,7 +147,8 @@ class _ModelHooks:
             return args, kwargs
         return None
 
-    def post(self, module, args, kwargs, output):
+    @staticmethod
+    def post(module, args, kwargs, output):
         if _open_for(module) is None or not _STACK.get():
             return None
         route_token, call_token = _STACK.get()[-1]
@@ -156,8 +157,6 @@ class _ModelHooks:
         ACTIVE_ROUTES.reset(route_token)
         return None
 
-
-_STACK: contextvars.ContextVar[tuple] = contextvars.ContextVar("afkern_parallel_tokens", default=())
 
 
 class _LayerHook:
@@ -199,9 +198,8 @@ def _install(model: nn.Module) -> None:
         if entry is not None:
             entry[0] += 1
             return
-        mh = _ModelHooks(model)
-        handles = [model.register_forward_pre_hook(mh.pre, with_kwargs=True, prepend=True),
-                   model.register_forward_hook(mh.post, with_kwargs=True, always_call=True)]
+        handles = [model.register_forward_pre_hook(_ModelHooks.pre, with_kwargs=True, prepend=True),
+                   model.register_forward_hook(_ModelHooks.post, with_kwargs=True, always_call=True)]
         lh = _LayerHook(id(model))
         for _, layer in replicated_layers(model):
             handles.append(layer.register_forward_pre_hook(lh, with_kwargs=True, prepend=True))
