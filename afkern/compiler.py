@@ -211,8 +211,8 @@ def folded_weights(block, fusion, sources: Optional[Sequence[torch.Tensor]] = No
     """Fusion ``fusion``'s folded inference weights over its own adapters (``block._folded``)."""
     name = next(k for k, f in block.fusions.items() if f is fusion)
     sources = _fold_sources(block, fusion) if sources is None else sources
-    return block._folded.get(_fold_key(sources),
-                             lambda: fold_weights(block.params(fusion), block.spec(fusion)), slot=name)
+    spec = block.spec(fusion)  # the fold depends on the setup too (an edited config refolds)
+    return block._folded.get(_fold_key(sources) + (spec,), lambda: fold_weights(block.params(fusion), spec), slot=name)
 
 
 def _fold_one(block, fusion) -> RoutedFold:
@@ -331,19 +331,39 @@ def _compile_route(block, h2: torch.Tensor, lead, state: RouteState):
 
 
 def _compile_active(block, h2: torch.Tensor):
-    """(backend, P, spec, plan) of a forward of the active setup: the one-segment plan."""
+    """(backend, P, spec, plan) of a forward of the active setup: the one-segment plan.
+
+    At inference the whole compile is cached per block (``block._routed_cache`` slot "active"),
+    keyed on everything it reads: the setup's spec (which reads the configs), the active setup,
+    the backend setting, device and dtype, grad mode and training flag, and the storage and
+    version counter of every source tensor (a later optimizer step, ``load_state_dict`` or weight
+    replacement misses; so does a change of ``requires_grad``). A decoding step then pays one spec and one key, not the spec, backend
+    resolution, params, fold lookup and plan. The per-forward steps stay per forward: a fusion
+    that anneals its temperature, draws score dropout or carries a control gets its segment
+    built every call (:func:`_fusion_segment`)."""
     fusion = block.fusion
     spec = block.spec(fusion)
-    backend = REGISTRY[resolve_backend(block.backend, h2.device, spec, h2.dtype)]
-    P = block.params(fusion)
     if fusion is None:
-        return backend, P, spec, SegmentPlan(None, adapter_segments(spec, [spec.active]))
+        backend = REGISTRY[resolve_backend(block.backend, h2.device, spec, h2.dtype)]
+        return backend, block.params(None), spec, SegmentPlan(None, adapter_segments(spec, [spec.active]))
     # the fold cache keys on data pointers, which torch.compile cannot trace (fullgraph):
     # compiled graphs run the unfolded layer and let the compiler plan the GEMMs
+    compiling = torch.compiler.is_compiling()
+    sources = None if compiling else _fold_sources(block, fusion)
+    per_forward = fusion.config.temperature or fusion.control is not None or (block.training and fusion.score_dropout > 0)
+    if compiling or per_forward:
+        return _build_active(block, fusion, spec, h2, sources)
+    key = ("active", spec, block.active_fusion, block.backend, h2.device, h2.dtype, torch.is_grad_enabled(),
+           block.training, tuple(t.requires_grad for t in sources), _fold_key(sources))
+    return block._routed_cache.get(key, lambda: _build_active(block, fusion, spec, h2, sources), slot="active")
+
+
+def _build_active(block, fusion, spec: LayerSpec, h2: torch.Tensor, sources):
+    backend = REGISTRY[resolve_backend(block.backend, h2.device, spec, h2.dtype)]
+    P = block.params(fusion)
     folded = None
-    if backend.folds and not torch.compiler.is_compiling() and not (block.training and fusion.score_dropout > 0):
-        sources = _fold_sources(block, fusion)  # (score dropout needs the terms the fold drops)
-        if not needs_grad(block, fusion, sources):
+    if backend.folds and sources is not None and not (block.training and fusion.score_dropout > 0):
+        if not needs_grad(block, fusion, sources):  # (score dropout needs the terms the fold drops)
             folded = folded_weights(block, fusion, sources)
     seg = _fusion_segment(block, fusion, h2.shape[0], h2.device, h2.dtype, None, folded,
                           P if backend.name == "reference" else None, active=True, fspec=spec)
