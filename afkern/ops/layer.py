@@ -44,6 +44,7 @@ from .activations import activation_fn
 from .fold import FoldedWeights
 from .params import FusionParams, LayerSpec
 from .prologue import add_norm, norm_only, prologue
+from .rowop import as_dtype
 from .segments import Segment, SegmentPlan, per_token, row_inputs, seg_mm, seg_mm_torch
 
 __all__ = ["Primitives", "CoreWeights", "fusion_layer", "gemm_core", "one_segment"]
@@ -119,7 +120,7 @@ def gemm_core(rowop: Callable) -> Callable:
         wide = residual if residual is not None and residual.dtype != Y.dtype else None
         mix = torch.mm(Y, W.Wu) if residual is None or wide is not None else torch.addmm(residual, Y, W.Wu)
         # p is float32 (float64 for float64); [N, d] bias rows: cast so in-place addmm is autocast-safe
-        mix = mix.addmm_(p.to(mix.dtype), W.bu.to(mix.dtype))
+        mix = mix.addmm_(as_dtype(p, mix.dtype), as_dtype(W.bu, mix.dtype))
         return (mix if wide is None else wide + mix), p
 
     return core

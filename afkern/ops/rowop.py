@@ -47,7 +47,13 @@ __all__ = ["rowop_forward", "rowop_backward", "rowop_torch", "acc", "check_rowop
 
 def acc(t: torch.Tensor) -> torch.Tensor:
     """The accumulation dtype: float32 for 16/32-bit inputs, float64 stays float64."""
-    return t if t.dtype == torch.float64 else t.float()
+    return t if t.dtype in (torch.float64, torch.float32) else t.float()
+
+
+def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` without the call when it is already ``dtype`` (a decoding step's single
+    token pays for every call)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def check_rowop_inputs(Z: torch.Tensor, A: torch.Tensor, sb: Optional[torch.Tensor], n_adapters: int,
@@ -151,10 +157,10 @@ def rowop_torch(Z, A, sb, n_adapters, activation, inv_temperature=1.0, score_sca
     else:
         G = activation_fn(activation)(Z if wide else Z.float())
     G3 = G.view(T, n_adapters, r)
-    s = (A.view(T, n_adapters, r).to(G.dtype) * G3).sum(-1)
+    s = (as_dtype(A.view(T, n_adapters, r), G.dtype) * G3).sum(-1)
     if sb is not None:
-        s = s + sb.to(s.dtype)
+        s = s + as_dtype(sb, s.dtype)
     p = torch.softmax(_tempered(acc(s), inv_temperature, score_scale, prior), dim=-1)
-    pc = p.to(G.dtype).unsqueeze(-1)
+    pc = as_dtype(p, G.dtype).unsqueeze(-1)
     Y = G3.mul_(pc) if inplace else G3 * pc
-    return Y.view(T, W).to(Z.dtype), p
+    return as_dtype(Y.view(T, W), Z.dtype), p
