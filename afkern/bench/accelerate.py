@@ -28,8 +28,9 @@ import torch
 
 from .._io import atomic_write_bytes
 from . import env
+from .options import case_group
 from .report import fmt, write_csv
-from .stats import paired_ratio, percentile
+from .stats import paired_ratio, sample_columns
 from .timing import Case, run_group
 
 __all__ = ["add_arguments", "run", "build_model", "TARGETS"]
@@ -42,11 +43,9 @@ COLUMNS = ["mode", "provider", "status", "rel_err", "median_ms", "p20_ms", "p80_
 
 
 def add_arguments(p) -> None:
-    g = p.add_argument_group("an AdapterHub model before / after afkern.accelerate (--accelerate)")
-    g.add_argument("--accelerate", action="store_true",
-                   help="run the accelerate benchmark instead of the sweep: an AdapterHub BERT with Fuse(N) before and "
-                        "after afkern.accelerate, inference and a fusion-training step (defaults: 4 layers, N=16, 512 "
-                        "tokens in sequences of 128)")
+    case_group(p, "an AdapterHub model before / after afkern.accelerate", "--accelerate",
+               "an AdapterHub BERT with Fuse(N) before and after afkern.accelerate, inference and a fusion-training "
+               "step (defaults: 4 layers, N=16, 512 tokens in sequences of 128)")
 
 
 def build_model(shape, n: int, layers: int, device, dtype, seed: int):
@@ -163,9 +162,7 @@ def run(args, cfg: dict, out_dir: str, argv: List[str]) -> int:
             s = c.samples if c else []
             rows.append(dict(
                 mode=mode, provider=p, status="ok" if p == "adapters" else status, rel_err=0.0 if p == "adapters" else err,
-                median_ms=percentile(s, 0.5) if s else float("nan"), p20_ms=percentile(s, 0.2) if s else float("nan"),
-                p80_ms=percentile(s, 0.8) if s else float("nan"), repeats=len(s), inner=c.inner if c else 0,
-                speedup=paired_ratio(by["adapters"].samples, s) if s else float("nan"), tokens=tokens, seq_len=seq_len,
+                **sample_columns(c), speedup=paired_ratio(by["adapters"].samples, s) if s else float("nan"), tokens=tokens, seq_len=seq_len,
                 n_adapters=n, layers=layers, hidden=cfg["shape"].hidden, dtype=meta["dtype"], device=meta["device"],
                 threads=meta["threads"], load1=load, torch=versions.get("torch", ""),
                 adapters=versions.get("adapters", ""), afkern=afkern.__version__))

@@ -51,6 +51,7 @@ import torch.nn as nn
 
 from .._io import atomic_write_json
 from . import env
+from .options import case_group, positive_ints
 from .check import floor_for, rel_err
 from .report import write_csv
 from .stats import paired_ratio, percentile
@@ -72,11 +73,9 @@ COLUMNS = ["batch", "provider", "status", "rel_err", "ref_rel_err", "ms_per_toke
 
 
 def add_arguments(p) -> None:
-    g = p.add_argument_group("greedy decoding with the KV cache (--decode)")
-    g.add_argument("--decode", action="store_true",
-                   help="run the decoding benchmark instead of the sweep: greedy generate() with the KV cache of a "
-                        "GPT-2 LM (4 layers, Fuse(8) by default) for the plain model, afkern and AdapterHub, ms per "
-                        "token and tokens/s (writes decode.csv, decode.json)")
+    g = case_group(p, "greedy decoding with the KV cache", "--decode",
+                   "greedy generate() with the KV cache of a GPT-2 LM (4 layers, Fuse(8) by default) for the plain "
+                   "model, afkern and AdapterHub, ms per token and tokens/s (writes decode.csv, decode.json)")
     g.add_argument("--decode-batch", default="1,8", help="--decode: batch sizes (comma-separated)")
     g.add_argument("--prompt-len", type=int, default=32, help="--decode: prompt tokens")
     g.add_argument("--new-tokens", type=int, default=None, help="--decode: generated tokens (default 32; 16 with --quick)")
@@ -304,8 +303,6 @@ def run(args, cfg: dict, out_dir: str, argv: List[str]) -> int:
     import afkern
 
     device, dtype = cfg["device"], cfg["dtype"]
-    from .multifusion import positive_ints
-
     batches = positive_ints(args.decode_batch, "--decode-batch")
     new_tokens = args.new_tokens if args.new_tokens is not None else (16 if args.quick else 32)
     layers, n = args.layers or 4, (args.model_n_adapters or [8])[0]

@@ -37,7 +37,8 @@ import torch.nn as nn
 from .._io import atomic_save_png, atomic_write_bytes
 from .report import write_csv
 from . import env
-from .stats import paired_ratio, percentile
+from .options import case_group, positive_ints
+from .stats import paired_ratio, sample_columns
 from .timing import Case, run_group
 
 __all__ = ["add_arguments", "run", "build_models", "TARGET_RATIO", "PROVIDERS"]
@@ -50,24 +51,12 @@ COLUMNS = ["k", "provider", "status", "rel_err", "median_ms", "p20_ms", "p80_ms"
 
 
 def add_arguments(p) -> None:
-    g = p.add_argument_group("several fusions in one batch (--multifusion)")
-    g.add_argument("--multifusion", action="store_true",
-                   help="run the multi-fusion benchmark instead of the sweep: a mixed batch over K fusions in one "
-                        "forward against one fusion, K sub-batches switching the active fusion, and AdapterHub "
-                        "switching its active Fuse (defaults: 4 layers, N=16, 512 tokens in sequences of 64)")
+    g = case_group(p, "several fusions in one batch", "--multifusion",
+                   "a mixed batch over K fusions in one forward against one fusion, K sub-batches switching the "
+                   "active fusion, and AdapterHub switching its active Fuse (defaults: 4 layers, N=16, 512 tokens "
+                   "in sequences of 64)")
     g.add_argument("--fusions", default="1,2,4,8",
                    help="--multifusion: the K values (comma-separated); the largest is the headline case")
-
-
-def positive_ints(s: str, option: str) -> List[int]:
-    """The sorted distinct positive integers of a comma-separated option; SystemExit naming it."""
-    try:
-        vals = sorted({int(v) for v in s.split(",") if v.strip()})
-    except ValueError:
-        raise SystemExit(f"afkern-bench: {option} expects comma-separated integers, got {s!r}") from None
-    if not vals or vals[0] < 1:
-        raise SystemExit(f"afkern-bench: {option} must be positive integers, got {s!r}")
-    return vals
 
 
 # ---------------------------------------------------------------------------------- models
@@ -237,10 +226,7 @@ def run(args, cfg: dict, out_dir: str, argv: List[str]) -> int:
         for p in calls:
             c = by.get(p)
             s = c.samples if c else []
-            row = dict(k=k, provider=p, status=status[p], rel_err=errs.get(p, float("nan")),
-                       median_ms=percentile(s, 0.5) if s else float("nan"),
-                       p20_ms=percentile(s, 0.2) if s else float("nan"), p80_ms=percentile(s, 0.8) if s else float("nan"),
-                       repeats=len(s), inner=c.inner if c else 0,
+            row = dict(k=k, provider=p, status=status[p], rel_err=errs.get(p, float("nan")), **sample_columns(c),
                        ratio_to_one_fusion=paired_ratio(s, by["one_fusion"].samples) if s and "one_fusion" in by else float("nan"),
                        ratio_to_mixed=paired_ratio(s, by["mixed"].samples) if s and "mixed" in by else float("nan"),
                        tokens=tokens, seq_len=seq_len, n_adapters=n, layers=layers, hidden=cfg["shape"].hidden,

@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-__all__ = ["percentile", "paired_ratio", "LineFit", "fit_line", "MIN_R2", "MAX_REL_SE"]
+__all__ = ["percentile", "paired_ratio", "sample_columns", "LineFit", "fit_line", "MIN_R2", "MAX_REL_SE"]
 
 MIN_R2 = 0.9
 MAX_REL_SE = 0.25
@@ -83,3 +83,12 @@ def fit_line(xs: Sequence[float], ys: Sequence[float]) -> LineFit:
     r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0
     se = math.sqrt(ss_res / (n - 2) / sxx) if n > 2 else float("nan")
     return LineFit(slope, intercept, r2, se, n)
+
+
+def sample_columns(case) -> dict:
+    """The timing columns of one provider's row (``median_ms``, ``p20_ms``, ``p80_ms``,
+    ``repeats``, ``inner``) from its timed ``Case`` (NaN and 0 for a provider that did not run)."""
+    s = case.samples if case is not None else []
+    nan = float("nan")
+    return dict(median_ms=percentile(s, 0.5) if s else nan, p20_ms=percentile(s, 0.2) if s else nan,
+                p80_ms=percentile(s, 0.8) if s else nan, repeats=len(s), inner=case.inner if case is not None else 0)
