@@ -58,22 +58,34 @@ _SCORES_BF16_SM90 = [(64, 64, 8, 3), (64, 64, 8, 4), (128, 64, 8, 3)]
 _SCORES_F32 = [(32, 32, 8, 2), (32, 16, 4, 2)]
 _MIX_BF16 = [(32, 32, 32, 4, 2), (64, 64, 128, 4, 3), (128, 64, 128, 8, 3), (128, 32, 64, 4, 4)]
 _MIX_F32 = [(32, 32, 32, 4, 2)]
+# The routed inference form (HAS_SEG: a loop over the segments a tile overlaps around the body)
+# holds a few more registers: its own lists, each entry spill-free on sm_80 and sm_90.
+_SCORES_F32_SEG = [(16, 32, 4, 2), (32, 32, 8, 1)]
+_MIX_BF16_SEG = [(32, 32, 32, 4, 2), (64, 64, 64, 4, 3), (64, 32, 128, 8, 3), (64, 64, 128, 8, 3)]
+_MIX_F32_SEG = [(16, 32, 32, 4, 2), (32, 32, 32, 8, 2)]
 
 
-def scores_configs(arch: int, fp32: bool = False):
-    """Autotune configs of the scores kernel on sm_<arch> (80, 90, ...); one small config when
-    interpreting."""
+def scores_configs(arch: int, fp32: bool = False, seg: bool = False):
+    """Autotune configs of the scores kernel on sm_<arch> (80, 90, ...), of its routed inference
+    form with ``seg``; one small config when interpreting."""
     if INTERPRET:
         return [_cfg(16, 64, 4, 1)]
-    rows = _SCORES_F32 if fp32 else _SCORES_BF16 + (_SCORES_BF16_SM90 if arch >= 90 else [])
+    if fp32:
+        rows = _SCORES_F32_SEG if seg else _SCORES_F32
+    else:
+        rows = _SCORES_BF16 + (_SCORES_BF16_SM90 if arch >= 90 else [])
     return [_cfg(*c) for c in rows]
 
 
-def mix_configs(arch: int, fp32: bool = False):
-    """Autotune configs of the mix kernel on sm_<arch>; one small config when interpreting."""
+def mix_configs(arch: int, fp32: bool = False, seg: bool = False):
+    """Autotune configs of the mix kernel on sm_<arch> (``seg``: its routed inference form); one
+    small config when interpreting."""
     if INTERPRET:
         return [_cfg(16, 64, 4, 1, BLOCK_D=64)]
-    rows = _MIX_F32 if fp32 else _MIX_BF16
+    if seg:
+        rows = _MIX_F32_SEG if fp32 else _MIX_BF16_SEG
+    else:
+        rows = _MIX_F32 if fp32 else _MIX_BF16
     return [_cfg(bt, bk, w, s, BLOCK_D=bd) for bt, bk, bd, w, s in rows]
 
 
@@ -99,6 +111,9 @@ def _fusion_scores_kernel_impl(
     S,  # [T, N] float32 output: scores before dropout scale and temperature
     ZG,  # [T, N*R] output: Z (STORE_G False) or G = act(Z) (STORE_G True), X's dtype
     A,  # [T, N*R] output A, X's dtype; written only if STORE_A
+    SEG,  # [T] int32 segment of each row (rows sorted by segment); unused unless HAS_SEG
+    WOFF,  # [S] int64: segment g's WA / WS are at WA + WOFF[g], WS + WOFF[g]; unused unless HAS_SEG
+    BOFF,  # [S] int64: segment g's BA / BS are at BA + BOFF[g], BS + BOFF[g]; unused unless HAS_SEG
     T,  # tokens
     D,  # hidden size d (the GEMMs' reduction length)
     R,  # bottleneck r
@@ -111,21 +126,58 @@ def _fusion_scores_kernel_impl(
     HAS_SC: tl.constexpr,  # add SC to every adapter's score
     STORE_A: tl.constexpr,  # write A (a backward will need it)
     STORE_G: tl.constexpr,  # write G instead of Z (inference: the mix kernel then skips act)
+    HAS_SEG: tl.constexpr,  # a routed batch: WA, BA, WS, BS are per segment (folded inference maps)
     IEEE: tl.constexpr,  # float32 operands: exact-product dots
     BLOCK_T: tl.constexpr,  # token tile (autotuned)
     BLOCK_R: tl.constexpr,  # r tile (>= 16, power of two; host: block_r(R))
     BLOCK_K: tl.constexpr,  # reduction tile over d (autotuned)
 ):
     """Grid (cdiv(T, BLOCK_T), N). Tiles: x, q [BLOCK_T, BLOCK_K]; Wd_n, Wa_n [BLOCK_K, BLOCK_R];
-    accumulators Z, A [BLOCK_T, BLOCK_R] float32; s [BLOCK_T] float32."""
+    accumulators Z, A [BLOCK_T, BLOCK_R] float32; s [BLOCK_T] float32.
+
+    Segments (HAS_SEG, a routed batch of folded fusions): the rows are sorted by segment, and
+    segment g reads its own maps at element offsets WOFF[g] / BOFF[g] (views of one stack of
+    folds, so no copy); Wd is the block's, shared.
+    A program loops over the segments its tile overlaps (one, except at a boundary), computes the
+    tile with each one's maps and keeps each row's own: a tile on a boundary costs one pass per
+    segment in it, the rest cost what the unsegmented kernel does."""
     pid_t = tl.program_id(0)
     n = tl.program_id(1)
     rows = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T))
     rmask = rows < T
     kk = tl.arange(0, BLOCK_K)
     jj = tl.arange(0, BLOCK_R)
-    out_ty = ZG.dtype.element_ty
+    if HAS_SEG:
+        rseg = tl.load(SEG + rows, mask=rmask, other=-1)
+        g_lo = tl.load(SEG + pid_t * BLOCK_T)
+        g_hi = tl.load(SEG + tl.minimum(pid_t * BLOCK_T + BLOCK_T, T) - 1) + 1
+    else:
+        rseg = tl.zeros([BLOCK_T], dtype=tl.int32)
+        g_lo = 0
+        g_hi = 1
+    for g in range(g_lo, g_hi):
+        if HAS_SEG:
+            wo = tl.load(WOFF + g)
+            bo = tl.load(BOFF + g)
+        else:
+            wo = 0
+            bo = 0
+        _scores_segment(X, Q, WD, BD, WA + wo, BA + bo, WS + wo, BS + bo, SC, S, ZG, A, rows,
+                        rmask & (rseg == g), n, kk, jj, D, R, stride_x, stride_q, stride_s,
+                        s_wd_k, s_wd_c, s_wa_k, s_wa_c, s_ws_k, s_ws_n, stride_zg, stride_a,
+                        ACT, HAS_BA, HAS_BS, HAS_SC, STORE_A, STORE_G, IEEE, BLOCK_T, BLOCK_R, BLOCK_K)
 
+
+@triton.jit
+def _scores_segment(X, Q, WD, BD, WA, BA, WS, BS, SC, S, ZG, A, rows, rmask, n, kk, jj, D, R, stride_x, stride_q,
+                    stride_s,
+                    s_wd_k, s_wd_c, s_wa_k, s_wa_c, s_ws_k, s_ws_n, stride_zg, stride_a,
+                    ACT: tl.constexpr, HAS_BA: tl.constexpr, HAS_BS: tl.constexpr, HAS_SC: tl.constexpr,
+                    STORE_A: tl.constexpr, STORE_G: tl.constexpr, IEEE: tl.constexpr, BLOCK_T: tl.constexpr,
+                    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The scores kernel's body for the rows ``rmask`` selects (one segment's, or all): writes
+    their scores, their Z or G (and A); nothing is carried from one segment to the next."""
+    out_ty = ZG.dtype.element_ty
     # sb_n = q . ws_n (+ bs_n): a matrix-vector product, once per program.
     sb = tl.zeros([BLOCK_T], dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
@@ -183,14 +235,16 @@ _TUNED = {}
 AUTOTUNE_KEYS = {"scores": ["D", "R", "BLOCK_R", "STORE_G"], "mix": ["D", "R", "NADP", "APPLY_ACT"]}
 
 
-def _tuned(which: str, device: torch.device, fp32: bool):
-    """The autotuned launcher of a GEMM kernel for a device's architecture and operand precision."""
+def _tuned(which: str, device: torch.device, fp32: bool, seg: bool = False):
+    """The autotuned launcher of a GEMM kernel for a device's architecture and operand precision
+    (``seg``: its routed inference form, tuned apart with its own candidates)."""
     arch = device_arch(device)
-    key = (which, arch, fp32)
+    key = (which, arch, fp32, seg)
     if key not in _TUNED:
-        configs, fn, dtype_arg = ((scores_configs(arch, fp32), _fusion_scores_kernel_impl, "X") if which == "scores"
-                                  else (mix_configs(arch, fp32), _fusion_mix_kernel_impl, "ZG"))
-        prune = {"early_config_prune": tuned.prune_fn(which, arch, AUTOTUNE_KEYS[which], dtype_arg)}
+        configs, fn, dtype_arg = ((scores_configs(arch, fp32, seg), _fusion_scores_kernel_impl, "X")
+                                  if which == "scores" else (mix_configs(arch, fp32, seg), _fusion_mix_kernel_impl, "ZG"))
+        name = which + ("_seg" if seg else "")
+        prune = {"early_config_prune": tuned.prune_fn(name, arch, AUTOTUNE_KEYS[which], dtype_arg)}
         _TUNED[key] = triton.autotune(configs=configs, key=AUTOTUNE_KEYS[which], prune_configs_by=prune)(fn)
     return _TUNED[key]
 
@@ -244,6 +298,8 @@ def _fusion_mix_kernel_impl(
     BU,  # up biases: element (n, k) at BU + n*s_bu_n + k*s_bu_k
     RES,  # [T, D] residual added in the epilogue; unused unless HAS_RES
     OUT,  # [T, D] output: ZG's dtype, or RES's where that is wider (the float32 stream under autocast)
+    SEG,  # [T] int32 segment of each row (rows sorted by segment); unused unless HAS_SEG
+    WOFF,  # [S] int64: segment g's WU / BU are at WU + WOFF[g], BU + WOFF[g]; unused unless HAS_SEG
     T,  # tokens
     D,  # hidden size (output width)
     R,  # bottleneck r
@@ -254,6 +310,7 @@ def _fusion_mix_kernel_impl(
     ACT: tl.constexpr,  # activation code (used if APPLY_ACT)
     APPLY_ACT: tl.constexpr,  # ZG holds Z: apply act in the prologue
     HAS_RES: tl.constexpr,  # add RES
+    HAS_SEG: tl.constexpr,  # a routed batch: WU, BU are per segment (folded inference maps)
     IEEE: tl.constexpr,  # float32 operands: exact-product dots
     BLOCK_N: tl.constexpr,  # next power of two >= max(N, 16)
     BLOCK_T: tl.constexpr,  # token tile (autotuned)
@@ -262,15 +319,42 @@ def _fusion_mix_kernel_impl(
 ):
     """Grid (cdiv(T, BLOCK_T), cdiv(D, BLOCK_D)). Prologue tile Y = p[t, c // R] * act(Z[t, c]),
     [BLOCK_T, BLOCK_K], cast to the operand dtype (the torch path's Y is in that dtype too);
-    accumulator [BLOCK_T, BLOCK_D] float32."""
+    accumulator [BLOCK_T, BLOCK_D] float32. Segments (HAS_SEG): segment g reads WU + WOFF[g]
+    and BU + WOFF[g] (Wu and bu are row blocks of one folded w_out), a tile looping over the
+    segments it overlaps (the scores kernel's rule)."""
     pid_t = tl.program_id(0)
     pid_d = tl.program_id(1)
     rows = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T))
     rmask = rows < T
     dcols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = dcols < D
-    kk = tl.arange(0, BLOCK_K)
+    if HAS_SEG:
+        rseg = tl.load(SEG + rows, mask=rmask, other=-1)
+        g_lo = tl.load(SEG + pid_t * BLOCK_T)
+        g_hi = tl.load(SEG + tl.minimum(pid_t * BLOCK_T + BLOCK_T, T) - 1) + 1
+    else:
+        rseg = tl.zeros([BLOCK_T], dtype=tl.int32)
+        g_lo = 0
+        g_hi = 1
+    for g in range(g_lo, g_hi):
+        if HAS_SEG:
+            wo = tl.load(WOFF + g)
+        else:
+            wo = 0
+        _mix_segment(ZG, P, WU + wo, BU + wo, RES, OUT, rows, rmask & (rseg == g), dcols, dmask, R, NADP, stride_zg,
+                     stride_p, s_wu_c, s_wu_k, s_bu_n, s_bu_k, stride_res, stride_out, ACT, APPLY_ACT, HAS_RES, IEEE,
+                     BLOCK_N, BLOCK_T, BLOCK_D, BLOCK_K)
+
+
+@triton.jit
+def _mix_segment(ZG, P, WU, BU, RES, OUT, rows, rmask, dcols, dmask, R, NADP, stride_zg, stride_p, s_wu_c, s_wu_k,
+                 s_bu_n, s_bu_k, stride_res, stride_out, ACT: tl.constexpr, APPLY_ACT: tl.constexpr,
+                 HAS_RES: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+                 BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The mix tile of the rows ``rmask`` selects (one segment's, or all) with the maps WU, BU:
+    Y @ Wu + p @ bu (+ residual), stored; nothing is carried from one segment to the next."""
     op_ty = WU.dtype.element_ty
+    kk = tl.arange(0, BLOCK_K)
     NR = NADP * R
     acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     for k0 in range(0, NR, BLOCK_K):
@@ -300,20 +384,22 @@ def _fusion_mix_kernel_impl(
 # ---------------------------------------------------------------------------------------------
 
 
-def _launch_scores(x, q, Wd, bd, Wa, ba, Ws, bs, sc, N, r, act, store_a, store_g):
+def _launch_scores(x, q, Wd, bd, Wa, ba, Ws, bs, sc, N, r, act, store_a, store_g, seg=None):
+    """``seg``: None, or (rows' segment ids int32 [T], weight offsets int64 [S], bias offsets
+    int64 [S]) with Wa .. bs segment 0's maps (``SegmentedWeights``)."""
     T, D = x.shape
     S = torch.empty(T, N, dtype=torch.float32, device=x.device)
     ZG = torch.empty(T, N * r, dtype=x.dtype, device=x.device)
     A = torch.empty(T, N * r, dtype=x.dtype, device=x.device) if store_a else ZG
     BR = block_r(r)
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_T"]), N)  # noqa: E731
-    _tuned("scores", x.device, x.dtype == torch.float32)[grid](
+    _tuned("scores", x.device, x.dtype == torch.float32, seg is not None)[grid](
         x, q, Wd, bd, Wa, ba if ba is not None else bd, Ws, bs if bs is not None else bd,
-        sc if sc is not None else bd, S, ZG, A,
+        sc if sc is not None else bd, S, ZG, A, *(seg if seg is not None else (S, S, S)),
         T, D, r, x.stride(0), q.stride(0), Wd.stride(0), Wd.stride(1), Wa.stride(0), Wa.stride(1),
         Ws.stride(0), Ws.stride(1), S.stride(0), ZG.stride(0), A.stride(0),
         ACT=act, HAS_BA=ba is not None, HAS_BS=bs is not None, HAS_SC=sc is not None, STORE_A=store_a, STORE_G=store_g,
-        IEEE=x.dtype == torch.float32, BLOCK_R=BR,
+        HAS_SEG=seg is not None, IEEE=x.dtype == torch.float32, BLOCK_R=BR,
     )
     return S, ZG, (A if store_a else None)
 
@@ -331,7 +417,9 @@ def _launch_softmax(S, M, B, inv_temperature):
     return P
 
 
-def _launch_mix(ZG, P, Wu, bu, residual, N, r, act, apply_act):
+def _launch_mix(ZG, P, Wu, bu, residual, N, r, act, apply_act, seg=None):
+    """``seg``: None, or (rows' segment ids int32 [T], w_out offsets int64 [S]) with Wu, bu
+    segment 0's maps."""
     T = ZG.shape[0]
     D = Wu.shape[1]
     # a float32 residual (autocast's residual stream) is added unrounded and kept float32
@@ -339,10 +427,11 @@ def _launch_mix(ZG, P, Wu, bu, residual, N, r, act, apply_act):
     out = torch.empty(T, D, dtype=out_dtype, device=ZG.device)
     res = residual if residual is not None else out
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_T"]), triton.cdiv(D, meta["BLOCK_D"]))  # noqa: E731
-    _tuned("mix", ZG.device, ZG.dtype == torch.float32)[grid](
-        ZG, P, Wu, bu, res, out, T, D, r, N, ZG.stride(0), P.stride(0), Wu.stride(0), Wu.stride(1),
-        bu.stride(0), bu.stride(1), res.stride(0), out.stride(0),
-        ACT=act, APPLY_ACT=apply_act, HAS_RES=residual is not None, IEEE=ZG.dtype == torch.float32,
+    _tuned("mix", ZG.device, ZG.dtype == torch.float32, seg is not None)[grid](
+        ZG, P, Wu, bu, res, out, *(seg if seg is not None else (P, P)), T, D, r, N, ZG.stride(0), P.stride(0),
+        Wu.stride(0), Wu.stride(1), bu.stride(0), bu.stride(1), res.stride(0), out.stride(0),
+        ACT=act, APPLY_ACT=apply_act, HAS_RES=residual is not None, HAS_SEG=seg is not None,
+        IEEE=ZG.dtype == torch.float32,
         BLOCK_N=max(16, triton.next_power_of_2(N)),
     )
     return out
@@ -429,6 +518,16 @@ def fusion_core_triton(x, q, W, shared, residual, score_scale, prior, N, r, acti
     M = None
     if score_scale is not None:
         M = score_scale.reshape(T, N).to(torch.float32).contiguous()
+    if W.seg is not None:  # a routed batch of folded fusions: inference only (folds carry no gradient)
+        if need_grad:
+            raise RuntimeError("afkern triton core: per-segment folded maps are inference weights; a forward that "
+                               "needs gradients runs unfolded")
+        rows, w_off, b_off, out_off = W.seg
+        S, G, _ = _launch_scores(x, q, W.Wd, W.bd, W.Wa, W.ba, W.Ws, W.bs, shared, N, r, act_code(activation),
+                                 store_a=False, store_g=True, seg=(rows, w_off, b_off))
+        P = _launch_softmax(S, M, prior_rows(prior, T, N), float(inv_temperature))
+        return _launch_mix(G, P, W.Wu, W.bu, residual, N, r, act_code(activation), apply_act=False,
+                           seg=(rows, out_off)), P
     return _FusionCoreTriton.apply(*tensors, M, prior_rows(prior, T, N), N, r, act_code(activation),
                                    float(inv_temperature), need_grad)
 

@@ -71,8 +71,8 @@ def main(argv=None) -> int:
         print("gpu_autotune: no CUDA device (use --dry on a CPU)")
         return 2
     if a.dry:  # the interpreter's lists hold one config; two make the choice (and its plumbing) real
-        fc.scores_configs = lambda arch, fp32=False: [fc._cfg(16, 64, 4, 1), fc._cfg(16, 32, 4, 1)]
-        fc.mix_configs = lambda arch, fp32=False: [fc._cfg(16, 64, 4, 1, BLOCK_D=64), fc._cfg(16, 32, 4, 1, BLOCK_D=32)]
+        fc.scores_configs = lambda arch, fp32=False, seg=False: [fc._cfg(16, 64, 4, 1), fc._cfg(16, 32, 4, 1)]
+        fc.mix_configs = lambda arch, fp32=False, seg=False: [fc._cfg(16, 64, 4, 1, BLOCK_D=64), fc._cfg(16, 32, 4, 1, BLOCK_D=32)]
     arch = device_arch(device)
     slug = device_slug(str(device))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (dry run)"

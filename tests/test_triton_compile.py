@@ -119,25 +119,33 @@ def launches(arch: int):
     T, d, r, N = 4096, 768, 48, 16
     NR = N * r
     out = []
+    # training (unfolded, A stored) and, for the routed inference form, per-segment folded maps
+    # (HAS_SEG: the tile loops over the segments it overlaps)
     for dt, ieee in (("bf16", False), ("fp32", True)):
-        for cfg in K.scores_configs(arch, fp32=ieee):
-            args = dict(
-                X=_p(dt), Q=_p(dt), WD=_p(dt), BD=_p(dt), WA=_p(dt), BA=_p(dt), WS=_p(dt), BS=_p(dt), SC=_p(dt),
-                S=_p("fp32"), ZG=_p(dt), A=_p(dt), T=_i(T), D=_i(d), R=_i(r), stride_x=_i(d), stride_q=_i(d),
-                s_wd_k=_i(1), s_wd_c=_i(d), s_wa_k=_i(1), s_wa_c=_i(d), s_ws_k=_i(1), s_ws_n=_i(d),
-                stride_s=_i(N), stride_zg=_i(NR), stride_a=_i(NR), ACT=2, HAS_BA=False, HAS_BS=False,
-                HAS_SC=True, STORE_A=True, STORE_G=False, IEEE=ieee, BLOCK_R=K.block_r(r), **cfg.kwargs,
-            )
-            out.append((f"scores {dt} {cfg.kwargs}", K._fusion_scores_kernel_impl, args, cfg.num_warps, cfg.num_stages, True))
+        for seg in (False, True):
+            for cfg in K.scores_configs(arch, fp32=ieee, seg=seg):
+                args = dict(
+                    X=_p(dt), Q=_p(dt), WD=_p(dt), BD=_p(dt), WA=_p(dt), BA=_p(dt), WS=_p(dt), BS=_p(dt), SC=_p(dt),
+                    S=_p("fp32"), ZG=_p(dt), A=_p(dt), SEG=_p("i32"), WOFF=_p("i64"), BOFF=_p("i64"), T=_i(T), D=_i(d),
+                    R=_i(r), stride_x=_i(d), stride_q=_i(d), s_wd_k=_i(1), s_wd_c=_i(d), s_wa_k=_i(1), s_wa_c=_i(d),
+                    s_ws_k=_i(1), s_ws_n=_i(d), stride_s=_i(N), stride_zg=_i(NR), stride_a=_i(NR), ACT=2,
+                    HAS_BA=seg, HAS_BS=seg, HAS_SC=not seg, STORE_A=not seg, STORE_G=seg, HAS_SEG=seg, IEEE=ieee,
+                    BLOCK_R=K.block_r(r), **cfg.kwargs,
+                )
+                out.append((f"scores {dt}{' seg' if seg else ''} {cfg.kwargs}", K._fusion_scores_kernel_impl, args,
+                            cfg.num_warps, cfg.num_stages, True))
     for dt, ieee in (("bf16", False), ("fp32", True)):
-        for cfg in K.mix_configs(arch, fp32=ieee):
-            args = dict(
-                ZG=_p(dt), P=_p("fp32"), WU=_p(dt), BU=_p(dt), RES=_p(dt), OUT=_p(dt), T=_i(T), D=_i(d), R=_i(r),
-                NADP=_i(N), stride_zg=_i(NR), stride_p=_i(N), s_wu_c=_i(d), s_wu_k=_i(1), s_bu_n=_i(d), s_bu_k=_i(1),
-                stride_res=_i(d), stride_out=_i(d), ACT=2, APPLY_ACT=True, HAS_RES=True, IEEE=ieee,
-                BLOCK_N=max(16, triton.next_power_of_2(N)), **cfg.kwargs,
-            )
-            out.append((f"mix {dt} {cfg.kwargs}", K._fusion_mix_kernel_impl, args, cfg.num_warps, cfg.num_stages, True))
+        for seg in (False, True):
+            for cfg in K.mix_configs(arch, fp32=ieee, seg=seg):
+                args = dict(
+                    ZG=_p(dt), P=_p("fp32"), WU=_p(dt), BU=_p(dt), RES=_p(dt), OUT=_p(dt), SEG=_p("i32"),
+                    WOFF=_p("i64"), T=_i(T), D=_i(d), R=_i(r), NADP=_i(N), stride_zg=_i(NR), stride_p=_i(N),
+                    s_wu_c=_i(d), s_wu_k=_i(1), s_bu_n=_i(d), s_bu_k=_i(1), stride_res=_i(d), stride_out=_i(d), ACT=2,
+                    APPLY_ACT=not seg, HAS_RES=True, HAS_SEG=seg, IEEE=ieee,
+                    BLOCK_N=max(16, triton.next_power_of_2(N)), **cfg.kwargs,
+                )
+                out.append((f"mix {dt}{' seg' if seg else ''} {cfg.kwargs}", K._fusion_mix_kernel_impl, args,
+                            cfg.num_warps, cfg.num_stages, True))
     BN = triton.next_power_of_2(N)
     out.append(("softmax", K._fusion_softmax_kernel, dict(
         S=_p("fp32"), M=_p("fp32"), B=_p("fp32"), P=_p("fp32"), T=_i(T), NADP=_i(N), stride_s=_i(N), stride_m=_i(N),

@@ -42,10 +42,11 @@ def primitives() -> Primitives:
         from ..kernels.rowop import rowop_triton
         from ..kernels.segmented import seg_mm_triton
 
-        # a routed batch: every fusion-dependent GEMM is ONE launch of the segmented GEMM kernel
-        # over the route-sorted tokens; unfolded (training) the fused core serves it too
+        # a routed batch: the fused core serves it, unfolded (training: the d x d maps are segmented
+        # GEMMs, ONE launch each over the route-sorted tokens) and folded (inference: the core
+        # reads each segment's folded maps in place, routed_core)
         _PRIMS = Primitives(rowop=rowop_triton, add_norm=add_layer_norm_triton, core=fusion_core_triton,
-                            seg_mm=seg_mm_triton, uniform_dtype=True)
+                            seg_mm=seg_mm_triton, routed_core=True, uniform_dtype=True)
     return _PRIMS
 
 

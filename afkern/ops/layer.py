@@ -45,7 +45,7 @@ from .fold import FoldedWeights
 from .params import FusionParams, LayerSpec
 from .prologue import add_norm, norm_only, prologue
 from .rowop import as_dtype
-from .segments import Segment, SegmentPlan, per_token, row_inputs, seg_mm, seg_mm_torch
+from .segments import Segment, SegmentPlan, per_token, row_inputs, seg_mm, seg_mm_torch, view_offsets
 
 __all__ = ["Primitives", "CoreWeights", "fusion_layer", "gemm_core", "one_segment"]
 
@@ -68,6 +68,10 @@ class CoreWeights:
     bu: torch.Tensor
     w_in: Optional[torch.Tensor] = None
     b_in: Optional[torch.Tensor] = None
+    #: a routed batch of folded fusions (a core with ``Primitives.routed_core``): (segment of each
+    #: sorted row int32 [T], offsets int64 [S] of each segment's Wa / Ws, of its ba / bs, of its
+    #: Wu / bu from segment 0's views above); None: one map for every row
+    seg: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = None
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,9 @@ class Primitives:
       (mix, p)`` or None: the fused N-wide core (else GEMMs in torch around ``rowop``);
     - ``seg_mm(x, weights, rows, biases, base, accumulate)``: the segmented GEMM of a routed batch
       (``afkern.ops.segments.seg_mm_torch``'s signature; default: that one);
+    - ``routed_core``: the fused core also takes per-segment folded maps (``CoreWeights.seg``), so
+      a routed batch at inference runs the core over every token (else segmented GEMMs around the
+      row op);
     - ``uniform_dtype``: the kernels compute in one dtype, so the adapter and fusion parameters
       are cast to the activations' (h's) dtype first (autocast, mixed-precision weights). The
       residual stream (``input_tensor``) and the LayerNorm's weights keep theirs: ``add_norm``
@@ -97,6 +104,7 @@ class Primitives:
     norm: Optional[Callable] = None
     core: Optional[Callable] = None
     seg_mm: Callable = seg_mm_torch
+    routed_core: bool = False
     uniform_dtype: bool = False
 
 
@@ -148,6 +156,22 @@ def _core_views(folded: FoldedWeights, NR: int) -> CoreWeights:
                            b_in[2 * NR:], w_out[:NR], w_out[NR:], w_in=w_in, b_in=b_in)
     w_q, b_q = folded.w_q, folded.b_q
     return CoreWeights(folded.w_in, folded.b_in, w_q[:, :NR], b_q[:NR], w_q[:, NR:], b_q[NR:], w_out[:NR], w_out[NR:])
+
+
+def _routed_core_weights(P: FusionParams, segs, plan: SegmentPlan, NR: int) -> Optional[CoreWeights]:
+    """The core's weights of a routed batch of folded fusions: the block's Wd / bd, segment 0's
+    folded maps and every segment's offset from them (:func:`afkern.ops.segments.view_offsets`);
+    None when the folds are not views of one storage (cast copies): then segmented GEMMs run."""
+    folds = [f.folded for f in segs]
+    offs = [view_offsets([getattr(f, a) for f in folds]) for a in ("w_q", "b_q", "w_out")]
+    if any(o is None for o in offs):
+        return None
+    N, r, d = P.down_weight.shape
+    f0 = folds[0]
+    rows = plan.rows
+    return CoreWeights(P.down_weight.reshape(NR, d).t(), P.down_bias.reshape(NR), f0.w_q[:, :NR], f0.b_q[:NR],
+                       f0.w_q[:, NR:], f0.b_q[NR:], f0.w_out[:NR], f0.w_out[NR:],
+                       seg=(rows.row_segments(), *(rows.offset_table(o) for o in offs)))
 
 
 def _t(w: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -256,6 +280,14 @@ def fusion_layer(
         q = x if f.w_q is None else qin
         hidden, probs = core(x, q.contiguous(), _folded_weights(f, NR), None, pre if reuse_pre else res_term,
                              M, prior, N, r, spec.activation, inv_t)
+    elif fold and prims.routed_core and (W := _routed_core_weights(P, segs, plan, NR)) is not None:
+        # each segment its fusion's folded maps, read in place by the backend's fused core
+        if any(f.folded.w_res is not None for f in segs):  # residual_before: its map, per segment
+            res_term = mm(residual.to(x.dtype), [f.folded.w_res for f in segs])
+        else:
+            res_term = residual
+        hidden, probs = core(x, qin.contiguous(), W, None, pre if reuse_pre else res_term, M, prior, N, r,
+                             spec.activation, inv_t)
     elif fold:  # each segment its fusion's folded maps: segmented GEMMs around the row op
         Z = torch.addmm(P.down_bias.reshape(NR), x, P.down_weight.reshape(NR, d).t())
         AS = mm(qin, [f.folded.w_q for f in segs], [f.folded.b_q for f in segs])

@@ -26,7 +26,7 @@ from .fold import FoldedWeights
 from .params import FusionParams, LayerSpec
 
 __all__ = ["RoutePlan", "route_plan", "RoutedFold", "Segment", "SegmentPlan", "seg_mm", "seg_mm_torch",
-           "strided_stack", "row_inputs", "per_token"]
+           "strided_stack", "view_offsets", "row_inputs", "per_token"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,6 +80,15 @@ class RoutePlan:
             return torch.tensor([seg, start, end], dtype=torch.int32).to(self.seg_ids.device), len(seg)
 
         return self._tables.get(block_t, build)
+
+    def row_segments(self) -> torch.Tensor:
+        """int32 [T]: the segment of each sorted row (on the device), cached."""
+        return self._tables.get("rows", lambda: self.seg_ids.to(torch.int32))
+
+    def offset_table(self, offsets: Tuple[int, ...]) -> torch.Tensor:
+        """int64 [S]: ``offsets`` (one per segment, :func:`view_offsets`) on the device, cached."""
+        return self._tables.get(("offsets", offsets), lambda: torch.tensor(offsets, dtype=torch.int64).to(
+            self.seg_ids.device))
 
     def segment_table(self) -> torch.Tensor:
         """int32 [2, K]: start and end row of every segment (on the device), cached."""
@@ -301,6 +310,21 @@ def strided_stack(weights: Sequence[Optional[torch.Tensor]]) -> Optional[torch.T
     if step <= 0 or any(w.storage_offset() - w0.storage_offset() != i * step for i, w in enumerate(weights)):
         return None
     return w0.as_strided((len(weights), *w0.shape), (step, *w0.stride()), w0.storage_offset())
+
+
+def view_offsets(weights: Sequence[Optional[torch.Tensor]]) -> Optional[Tuple[int, ...]]:
+    """Each weight's element offset from the first one's when all are views of one storage with
+    one shape, stride and dtype (the folds of ``afkern.compiler.routed_folds``, in any order),
+    else None: a kernel then reads segment k's map at ``weights[0] + offsets[k]``, no copy."""
+    if any(w is None for w in weights):
+        return None
+    w0 = weights[0]
+    base = w0.untyped_storage().data_ptr()
+    for w in weights[1:]:
+        if (w.untyped_storage().data_ptr() != base or w.shape != w0.shape or w.stride() != w0.stride()
+                or w.dtype != w0.dtype):
+            return None
+    return tuple(w.storage_offset() - w0.storage_offset() for w in weights)
 
 
 def _one_segment(x, w, b, base):
