@@ -28,7 +28,7 @@ export PYTHONPATH="$TARGET${PYTHONPATH:+:$PYTHONPATH}"
 "$VPY" -c "import triton, torch; print('[test_triton36] triton', triton.__version__, 'from', triton.__file__.rsplit('/', 2)[0], '| torch', torch.__version__)"
 TESTS=(tests/test_triton_compile.py)
 if [[ "${1:-}" == "--interp" ]]; then
-    TESTS+=(tests/test_triton_fusion.py tests/test_normfree_site.py -k "not patched_bert")
+    TESTS+=(tests/test_triton_fusion.py tests/test_triton_routed_core.py tests/test_normfree_site.py -k "not patched_bert")
 fi
 export TRITON_DEFAULT_FP_FUSION="${TRITON_DEFAULT_FP_FUSION:-1}"
 exec "$VPY" -m pytest -q -p no:cacheprovider "${TESTS[@]}"

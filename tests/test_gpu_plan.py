@@ -91,7 +91,7 @@ def test_every_test_list_entry_names_an_existing_test_file():
             assert re.search(rf"^def {re.escape(node.split('[')[0])}\(", src, flags=re.M), target
     # the kernels' own suites are all on the device list
     for must in ("tests/test_triton_fusion.py", "tests/test_cuda_ext.py", "tests/test_routing.py",
-                 "tests/test_normfree_site.py", "scripts/gpu_test_widths.py"):
+                 "tests/test_normfree_site.py", "tests/test_triton_routed_core.py", "scripts/gpu_test_widths.py"):
         assert must in entries
 
 

@@ -12,6 +12,7 @@ adapters, a static fusion), tokens in batch order and interleaved (a permuted pl
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -25,6 +26,8 @@ from conftest import perturb_  # noqa: E402
 from parity import assert_2x  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+# the triton runs: CPU tensors under the interpreter, CUDA tensors on the GPU day (scripts/gpu_tests.txt)
+KDEV = "cuda" if os.environ.get("AFKERN_TEST_GPU") == "1" and torch.cuda.is_available() else "cpu"
 
 ADAPTERS = ["a", "b", "c", "d"]
 FUSIONS = {
@@ -56,18 +59,19 @@ def _block():
     return b
 
 
-def _run(block, route, dtype, layer):
+def _run(block, route, dtype, layer, device="cpu"):
     g = torch.Generator().manual_seed(5)
     T = len(route)
-    h = torch.randn(T, 24, generator=g, dtype=torch.float64).to(dtype)
-    x = torch.randn(T, 24, generator=g, dtype=torch.float64).to(dtype)
+    h = torch.randn(T, 24, generator=g, dtype=torch.float64).to(device, dtype)
+    x = torch.randn(T, 24, generator=g, dtype=torch.float64).to(device, dtype)
+    block = block.to(device)
     names = list(block.fusions)
-    plan = route_plan([names.index(r) for r in route], names, 1, "cpu")
+    plan = route_plan([names.index(r) for r in route], names, 1, device)
     with torch.no_grad():
-        segs = segments(block, plan, "cpu", True)
+        segs = segments(block, plan, device, True)
         out, p = layer(h, x, block_params(block), routed_spec(block, block.fusions[plan.names[0]]),
                        plan=SegmentPlan(plan, segs))
-    return out, p
+    return out.cpu(), p.cpu()
 
 
 @pytest.fixture
@@ -95,7 +99,7 @@ def test_routed_folded_batch_runs_the_fused_core(route, dtype, seg_launches):
     truth = _run(b64, ROUTES[route], torch.float64, torch_ops.layer)
     low = copy.deepcopy(b64).to(dtype)
     base = _run(low, ROUTES[route], dtype, torch_ops.layer)
-    got = _run(copy.deepcopy(low), ROUTES[route], dtype, triton_ops.layer)
+    got = _run(copy.deepcopy(low), ROUTES[route], dtype, triton_ops.layer, KDEV)
     assert seg_launches == [True], f"the routed folded batch did not run the segmented fused core: {seg_launches}"
     assert_2x(f"{route} out", got[0], base[0], truth[0], dtype)
     assert_2x(f"{route} probs", got[1], base[1], truth[1], torch.float32)
