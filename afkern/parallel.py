@@ -42,6 +42,7 @@ import torch.nn as nn
 from .families import family_of
 from .model import blocks_of
 from .compiler import ACTIVE_ROUTES, RouteState
+from .routing import setup_kinds
 from .sites import slots_of
 
 __all__ = ["parallel", "replicated_layers"]
@@ -222,26 +223,12 @@ def _resolve_setups(model: nn.Module, setups: Sequence[str]):
     names = list(setups)
     if not names:
         raise ValueError("afkern.parallel needs at least one setup (an adapter or fusion name); got an empty list")
-    bad = [n for n in names if not isinstance(n, str)]
-    if bad:
-        raise TypeError(f"afkern.parallel setups are adapter or fusion names (str), got {bad[:3]}")
-    twice = sorted({n for n in names if names.count(n) > 1})
+    blocks = blocks_of(model, "afkern.parallel")
+    names, kinds = setup_kinds(blocks, names, "afkern.parallel")
+    pairs = list(zip(kinds, names))
+    twice = sorted({n for k, n in pairs if pairs.count((k, n)) > 1})
     if twice:
         raise ValueError(f"afkern.parallel got the setups {twice} more than once; each setup runs once")
-    blocks = blocks_of(model, "afkern.parallel")
-    fusions, adapters = list(blocks[0].fusions), list(blocks[0].adapter_names)
-    kinds = []
-    for n in names:
-        is_f, is_a = n in fusions, n in adapters
-        if is_f and is_a:
-            raise ValueError(f"{n!r} names both a fusion and an adapter of the model; rename one")
-        if not (is_f or is_a):
-            raise ValueError(f"unknown setup {n!r}: the model has adapters {adapters} and fusions {fusions}")
-        kinds.append("fusion" if is_f else "adapter")
-    for b in blocks:
-        missing = [n for n, k in zip(names, kinds) if n not in (b.fusions if k == "fusion" else b.adapter_names)]
-        if missing:
-            raise ValueError(f"setups {missing} are missing in some blocks of the model")
     kind = kinds[0] if len(set(kinds)) == 1 else "mixed"
     return tuple(names), kind, frozenset(id(b) for b in blocks), tuple(kinds)
 
