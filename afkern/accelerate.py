@@ -28,6 +28,10 @@ random stream stays AdapterHub's. Every other setup (``Stack`` of several, ``Par
 ``BatchSplit``, ``Split``, ``Average``, nested blocks) and adapters afkern does not compute
 (parallel adapters, gating, adapter LayerNorms, PHM, learned scaling, stochastic depth) run on
 AdapterHub's own code, said once per model in a warning naming the setup.
+
+``afkern.parallel`` on an accelerated model (AdapterHub's ``Parallel(A, B, Fuse(A, B))``, which
+AdapterHub refuses) enters a per-call route that the per-instance ``get_active_setup`` and
+``compose`` hand to ``afkern/accelerate_routes.py``.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ import torch.nn as nn
 
 from .activations import canonical_activation
 from .backends import REGISTRY, backend_status, check_name, resolve_backend
+from .compiler import current_route
 from .ops.fold import FoldedWeights, fold_weights
 from .ops.params import FusionParams, LayerSpec
 
@@ -119,8 +124,8 @@ def accelerate(model: nn.Module, backend: str = "auto", enable: bool = True) -> 
                         "model prepared with adapters.init(model) or an adapters AutoAdapterModel")
     if not enable:
         for layer in layers:
-            layer.__dict__.pop("compose", None)
-            layer.__dict__.pop(_ATTR, None)
+            for attr in ("compose", "get_active_setup", _ATTR):
+                layer.__dict__.pop(attr, None)
         return model
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
@@ -131,6 +136,7 @@ def accelerate(model: nn.Module, backend: str = "auto", enable: bool = True) -> 
     for layer in layers:  # nothing above wrote to the model: a refusal leaves it untouched
         layer.__dict__[_ATTR] = _Site(record)
         layer.__dict__["compose"] = types.MethodType(_compose, layer)
+        layer.__dict__["get_active_setup"] = types.MethodType(_active_setup, layer)
     return model
 
 
@@ -139,11 +145,26 @@ def accelerate(model: nn.Module, backend: str = "auto", enable: bool = True) -> 
 # ---------------------------------------------------------------------------------------------
 
 
+def _active_setup(self):
+    """``BottleneckLayer.get_active_setup``; under ``afkern.parallel`` (a per-call route covering
+    this layer) the route itself, which :func:`_compose` runs (afkern/accelerate_routes.py)."""
+    route = current_route(self)
+    if route is None:
+        return type(self).get_active_setup(self)
+    from .accelerate_routes import route_setup
+
+    return route_setup(self, route)
+
+
 def _compose(self, adapter_setup, state):
     """``BottleneckLayer.compose`` with ``Fuse(a, b, ...)`` and ``Stack(a)`` on afkern's layer."""
     from adapters.composition import Fuse, Stack
 
     site: _Site = self.__dict__[_ATTR]
+    if not isinstance(adapter_setup, (Fuse, Stack, str)) and current_route(self) is adapter_setup:
+        from .accelerate_routes import routed_compose
+
+        return routed_compose(self, site, adapter_setup, state)
     names = list(adapter_setup) if isinstance(adapter_setup, (Fuse, Stack)) else None
     reason, activation = None, None
     if names is None or not all(isinstance(n, str) for n in names):

@@ -42,7 +42,7 @@ from .ops.segments import RoutedFold, RoutePlan, Segment, SegmentPlan, route_pla
 
 __all__ = ["ACTIVE_ROUTES", "current_route", "RouteState", "RecordedRoute", "forward", "block_spec", "block_params",
            "fusion_params", "folded_weights", "routed_folds", "segments", "adapter_segments", "routed_spec", "single_spec",
-           "needs_grad",
+           "needs_grad", "by_kind",
            "ADAPTER_PARAMS"]
 
 ADAPTER_PARAMS = ("down_weight", "down_bias", "up_weight", "up_bias")
@@ -373,23 +373,30 @@ def forward(block, h: torch.Tensor, residual_input: torch.Tensor) -> torch.Tenso
 
 def _mixed_forward(block, h: torch.Tensor, residual_input: torch.Tensor, state: RouteState) -> torch.Tensor:
     """A route whose entries mix fusions and single adapters (``afkern.parallel``): the sequences
-    (or tokens) of each kind run as one routed layer call of that kind, written back in place.
+    (or tokens) of each kind run as one routed layer call of that kind (:func:`by_kind`).
     ``state.kinds[i]`` is entry i's kind."""
-    lead = tuple(h.shape[:-1])
-    n = lead[0]
-    if n != len(state.names):
-        state.plan(block, lead, h.device)  # raises the route-length error
-    out = torch.empty(h.shape, dtype=torch.promote_types(h.dtype, residual_input.dtype), device=h.device)
-    for kind in ("fusion", "adapter"):
-        rows = [i for i, k in enumerate(state.kinds) if k == kind]
-        if not rows:
-            continue
-        idx = torch.tensor(rows, device=h.device)
+    if tuple(h.shape[:-1])[0] != len(state.names):
+        state.plan(block, tuple(h.shape[:-1]), h.device)  # raises the route-length error
+
+    def run(kind, rows, h_k, x_k):
         sub = RouteState(kind, [state.names[i] for i in rows], state.blocks)
         token = ACTIVE_ROUTES.set(ACTIVE_ROUTES.get() + (sub,))
         try:
-            part = forward(block, h.index_select(0, idx), residual_input.index_select(0, idx))
+            return forward(block, h_k, x_k)
         finally:
             ACTIVE_ROUTES.reset(token)
-        out = out.index_copy(0, idx, part.to(out.dtype))
+
+    return by_kind(h, residual_input, state.kinds, run)
+
+
+def by_kind(h: torch.Tensor, residual_input: torch.Tensor, kinds: Sequence[str], run) -> torch.Tensor:
+    """Rows of ``h`` / ``residual_input`` [n, ...] grouped by ``kinds[i]`` ("fusion" first, then
+    "adapter"): ``run(kind, rows, h_k, x_k)`` computes each group's rows, written back in place."""
+    out = torch.empty(h.shape, dtype=torch.promote_types(h.dtype, residual_input.dtype), device=h.device)
+    for kind in ("fusion", "adapter"):
+        rows = [i for i, k in enumerate(kinds) if k == kind]
+        if rows:
+            idx = torch.tensor(rows, device=h.device)
+            part = run(kind, rows, h.index_select(0, idx), residual_input.index_select(0, idx))
+            out = out.index_copy(0, idx, part.to(out.dtype))
     return out

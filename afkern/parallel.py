@@ -43,7 +43,7 @@ from .families import family_of
 from .model import blocks_of
 from .compiler import ACTIVE_ROUTES, RouteState
 from .routing import setup_kinds
-from .sites import slots_of
+from .sites import base_model_of, slots_of
 
 __all__ = ["parallel", "replicated_layers"]
 
@@ -183,14 +183,40 @@ def replicated_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
     by_stack: Dict[str, list] = {}
     for slot in slots_of(model, family):
         by_stack.setdefault(slot.stack.layers, []).append(slot)
-    for slots in by_stack.values():
+    hub = _adapterhub(model)
+    for i, (path, slots) in enumerate(by_stack.items()):
+        parent = ".".join(path.split(".")[:-2])
+        if hub and i > 0 and parent:
+            # AdapterHub's decoder stack replicates its input_ids to its encoder states' rows (the
+            # Parallel it knows) but not its masks: the whole decoder stack is tiled at its entry
+            stack = base_model_of(model).get_submodule(parent)
+            seen.add(id(stack))
+            out.append((parent, stack))
         started = False
         for slot in slots:
-            started = started or slot.block() is not None
+            started = started or (_hub_site(slot.layer) if hub else slot.block() is not None)
             if started and id(slot.layer) not in seen:
                 seen.add(id(slot.layer))
                 out.append((slot.path, slot.layer))
     return out
+
+
+def _adapterhub(model: nn.Module) -> Optional[str]:
+    """"accelerated" / "plain" for an AdapterHub model (one with a BottleneckLayer), else None."""
+    from .accelerate import _is_bottleneck, is_accelerated
+
+    try:
+        if not any(_is_bottleneck(m) for m in model.modules()):
+            return None
+    except ImportError:  # AdapterHub's adapters is not installed
+        return None
+    return "accelerated" if is_accelerated(model) else "plain"
+
+
+def _hub_site(layer: nn.Module) -> bool:
+    from .accelerate import _ATTR
+
+    return any(_ATTR in m.__dict__ and len(m.adapters) > 0 for m in layer.modules())
 
 
 def _install(model: nn.Module) -> None:
@@ -223,14 +249,24 @@ def _resolve_setups(model: nn.Module, setups: Sequence[str]):
     names = list(setups)
     if not names:
         raise ValueError("afkern.parallel needs at least one setup (an adapter or fusion name); got an empty list")
-    blocks = blocks_of(model, "afkern.parallel")
-    names, kinds = setup_kinds(blocks, names, "afkern.parallel")
+    hub = _adapterhub(model)
+    if hub == "plain":
+        raise ValueError(f"afkern.parallel: {type(model).__name__} is an AdapterHub model that afkern does not "
+                         "compute; call afkern.accelerate(model) first")
+    if hub == "accelerated":
+        from .accelerate_routes import resolve_setups
+
+        names, kinds, layers = resolve_setups(model, names)
+    else:
+        blocks = blocks_of(model, "afkern.parallel")
+        names, kinds = setup_kinds(blocks, names, "afkern.parallel")
+        layers = frozenset(id(b) for b in blocks)
     pairs = list(zip(kinds, names))
     twice = sorted({n for k, n in pairs if pairs.count((k, n)) > 1})
     if twice:
         raise ValueError(f"afkern.parallel got the setups {twice} more than once; each setup runs once")
     kind = kinds[0] if len(set(kinds)) == 1 else "mixed"
-    return tuple(names), kind, frozenset(id(b) for b in blocks), tuple(kinds)
+    return tuple(names), kind, layers, tuple(kinds)
 
 
 @contextlib.contextmanager
