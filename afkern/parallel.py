@@ -24,6 +24,12 @@ Mechanism (state per call, docs/DESIGN.md section 7):
   ``parallel`` context of the model is open and read a context variable, so another thread calling
   the same model outside the context sees a plain forward.
 
+On an accelerated AdapterHub model (``afkern.accelerate``) the setups are AdapterHub's names (an
+adapter; a fusion as AdapterHub names it, ``"a,b"``, or a ``Fuse(...)``): AdapterHub's
+``Parallel(A, B, Fuse(A, B))``, which it refuses. Same hooks, same per-call route, over the
+model's bottleneck layers (``afkern/accelerate_routes.py``); a model that is not accelerated is
+refused.
+
 Limits: a forward with a KV cache (``past_key_values``, ``generate``) is refused, since the cache
 of the first step would be B rows; ``labels`` given to the model are tiled K times with the rows.
 """
@@ -274,8 +280,9 @@ def parallel(model: nn.Module, setups: Sequence[str]) -> Iterator[nn.Module]:
     """Context manager: a forward of a batch of B sequences inside it runs each of the K
     ``setups`` (single-adapter or fusion names, mixed) over the whole batch and returns K·B rows,
     setup j in rows j·B to (j+1)·B-1 (AdapterHub's ``Parallel`` layout), each equal to the model
-    run with that setup active. Everything is checked before the context opens: an unknown name, an
-    empty list or a name twice raises and changes nothing."""
+    run with that setup active. On an accelerated AdapterHub model the setups are AdapterHub
+    adapter and fusion names (``"a,b"``) or ``Fuse(...)`` objects. Everything is checked before the
+    context opens: an unknown name, an empty list or a name twice raises and changes nothing."""
     if hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":
         raise ValueError("afkern.parallel does not reach into a torch.compile'd model; use the uncompiled model")
     names, kind, blocks, kinds = _resolve_setups(model, setups)

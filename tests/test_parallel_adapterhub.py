@@ -9,10 +9,9 @@ encoder-decoders with their decoder inputs); fusions, single adapters and both m
 gradient case; bad input changes nothing.
 """
 
+import copy
 import os
 import sys
-import threading
-import warnings
 
 import pytest
 import torch
@@ -37,9 +36,9 @@ SETUPS = {
 }
 
 
-def _hub(name, variant, seed=0):
+def _hub(name, variant, seed=0, dtype=torch.float64):
     """The harness's AdapterHub model (three adapters, Fuse(a, b, c)) plus a second fusion
-    Fuse(c, a) moved off AdapterHub's init, in float64."""
+    Fuse(c, a) moved off AdapterHub's init (float32-representable weights), in ``dtype``."""
     spec = F.FAMILIES[name]
     model = F.make_adapterhub(spec, variant, plain=F.make_plain(spec), seed=seed)
     model.add_adapter_fusion(Fuse("c", "a"))
@@ -49,7 +48,7 @@ def _hub(name, variant, seed=0):
             if "adapter_fusion_layer.c,a." in n and p.dim() == 2 and ".value." not in n:
                 p.add_(torch.randn(p.shape, generator=g) * 0.5 / p.shape[-1] ** 0.5)
     model.set_active_adapters(Fuse("a", "b", "c"))
-    return spec, model.double().eval()
+    return spec, model.to(dtype).eval()
 
 
 def _first(out):
@@ -109,6 +108,26 @@ def test_rows_equal_adapterhub_with_each_setup_active(name, variant):
     with torch.no_grad():
         plain = _first(model(**inputs))
     assert _rel(plain, _adapterhub(model, Fuse("a", "b", "c"), inputs)) <= 1e-9
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_float32_error_within_twice_adapterhubs_own(backend):
+    """float32: each row block's error against the float64 truth (AdapterHub's code in float64)
+    is at most twice AdapterHub's own float32 error, plus the dtype's unit roundoff."""
+    spec, m32 = _hub("bert", "double_seq_bn", dtype=torch.float32)
+    m64 = copy.deepcopy(m32).double()
+    raw = F.make_inputs(spec, batch=3, pad_from=4)
+    setups = SETUPS["mixed"]
+    truth = [_adapterhub(m64, s, F.cast_inputs(raw, torch.float64)) for s in setups]
+    own = [_adapterhub(m32, s, F.cast_inputs(raw, torch.float32)) for s in setups]
+    afkern.accelerate(m32, backend=backend)
+    with afkern.parallel(m32, setups), torch.no_grad():
+        got = _first(m32(**F.cast_inputs(raw, torch.float32)))
+    assert got.dtype == torch.float32
+    B = truth[0].shape[0]
+    for j, s in enumerate(setups):
+        e, e_own = _rel(got[j * B:(j + 1) * B].double(), truth[j]), _rel(own[j].double(), truth[j])
+        assert e <= 2 * e_own + 1e-7, (s, e, e_own)
 
 
 def test_replicated_late_and_the_accelerated_layer_runs(monkeypatch):
@@ -213,6 +232,8 @@ def test_setups_that_cannot_share_a_layer_call_are_a_clear_error():
 
 
 def test_threads_inside_and_outside_parallel_see_their_own_setups():
+    from test_parallel import threads_agree
+
     spec, model = _hub("llama", "seq_bn")
     inputs = F.cast_inputs(F.make_inputs(spec, batch=2), torch.float64)
     afkern.accelerate(model, backend="torch")
@@ -220,26 +241,5 @@ def test_threads_inside_and_outside_parallel_see_their_own_setups():
         plain = _first(model(**inputs))
         with afkern.parallel(model, ["a,b,c", "b"]):
             par = _first(model(**inputs))
-    errors = []
-
-    def run(inside):
-        for _ in range(4):
-            try:
-                with torch.no_grad(), warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    if inside:
-                        with afkern.parallel(model, ["a,b,c", "b"]):
-                            ok = torch.equal(_first(model(**inputs)), par)
-                    else:
-                        ok = torch.equal(_first(model(**inputs)), plain)
-            except Exception as exc:  # noqa: BLE001  (a raising call is a wrong call)
-                ok = f"{type(exc).__name__}: {exc}"
-            if ok is not True:
-                errors.append((inside, ok))
-
-    ts = [threading.Thread(target=run, args=(i % 2 == 0,)) for i in range(4)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
+    errors = threads_agree(model, ["a,b,c", "b"], inputs, par, plain, _first)
     assert not errors, errors[:3]
