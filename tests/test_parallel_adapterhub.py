@@ -243,3 +243,59 @@ def test_threads_inside_and_outside_parallel_see_their_own_setups():
             par = _first(model(**inputs))
     errors = threads_agree(model, ["a,b,c", "b"], inputs, par, plain, _first)
     assert not errors, errors[:3]
+
+
+def test_annealed_temperature_steps_once_per_fusion_and_call():
+    """A fusion with a temperature (AdapterHub anneals T after every call) under parallel: each
+    fusion present steps once per forward, as the K runs of AdapterHub each step theirs."""
+    spec, model = _hub("distilbert", "seq_bn")
+    fusions = [m for m in model.modules() if type(m).__name__ == "BertFusion"]
+    for f in fusions:
+        f.T, f.reduction = 4.0, 1.5
+    inputs = F.cast_inputs(F.make_inputs(spec, batch=2), torch.float64)
+    setups = ["a,b,c", "b", Fuse("c", "a")]
+    want = []
+    for s in setups:
+        for f in fusions:
+            f.T = 4.0
+        want.append(_adapterhub(model, s, inputs))
+    for f in fusions:
+        f.T = 4.0
+    with afkern.parallel(model, setups), torch.no_grad():
+        got = _first(model(**inputs))
+    for j in range(len(setups)):
+        assert _rel(got[2 * j:2 * j + 2], want[j]) <= 1e-9
+    assert {f.T for f in fusions} == {2.5}  # every fusion layer of both fusions stepped once
+    for f in fusions:
+        f.T = 1.0
+    assert _rel(_adapterhub(model, "a,b,c", inputs), want[0]) > 1e-4  # the temperature mattered
+
+
+def test_layers_without_adapters_run_once_and_late_replication_follows_leave_out():
+    """Adapters left out of layer 0 (AdapterHub's leave_out): layer 0 runs on B rows, the batch is
+    tiled at layer 1, and every row block equals AdapterHub with that setup active."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(hidden_size=40, num_hidden_layers=3, num_attention_heads=4, intermediate_size=72,
+                                 vocab_size=F.VOCAB, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).eval()
+    adapters.init(model)
+    for n in ("a", "b"):
+        model.add_adapter(n, config=adapters.SeqBnConfig(reduction_factor=5, leave_out=[0]))
+    model.add_adapter_fusion(Fuse("a", "b"))
+    F.perturb_adapterhub_(model)
+    model.double().eval()
+    inputs = F.cast_inputs(F.make_inputs(F.FAMILIES["bert"], batch=2), torch.float64)
+    setups = ["b", "a,b", "a"]
+    want = [_adapterhub(model, s, inputs) for s in setups]
+    seen = []
+    hs = [model.encoder.layer[i].register_forward_hook(lambda m, a, o: seen.append(_first(o).shape[0]))
+          for i in range(3)]
+    with afkern.parallel(model, setups), torch.no_grad():
+        got = _first(model(**inputs))
+    for h in hs:
+        h.remove()
+    assert seen == [2, 6, 6]
+    for j in range(3):
+        assert _rel(got[2 * j:2 * j + 2], want[j]) <= 1e-9
+    assert _rel(want[0], want[1]) > 1e-3
