@@ -30,6 +30,7 @@ from typing import List, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from .accelerate_site import ATTR, adapter_tensors, check, layer_spec, norm_params
 from .backends import REGISTRY, resolve_routed
 from .compiler import by_kind
 from .ops.params import FusionParams
@@ -39,9 +40,7 @@ __all__ = ["resolve_setups", "route_setup", "routed_compose"]
 
 
 def _layers(model: nn.Module) -> list:
-    from .accelerate import _ATTR
-
-    return [m for m in model.modules() if _ATTR in m.__dict__]
+    return [m for m in model.modules() if ATTR in m.__dict__]
 
 
 def resolve_setups(model: nn.Module, setups: Sequence) -> Tuple[List[str], List[str], frozenset]:
@@ -120,11 +119,9 @@ def _fusion_segment(layer, name: str, index: torch.Tensor, spec, rows: int, dtyp
 
 
 def _fusion_spec(layer, name: str, last, activation: str, state, d: int, n: int, r: int):
-    from .accelerate import _spec
-
     f = layer.adapter_fusion_layer[name]
     fc = f.config
-    return _spec(last, activation, state, d, n, r, fusion=True, query=bool(fc["query"]), key=bool(fc["key"]),
+    return layer_spec(last, activation, state, d, n, r, fusion=True, query=bool(fc["query"]), key=bool(fc["key"]),
                  value=bool(fc["value"]), query_before_ln=bool(fc["query_before_ln"]),
                  residual_before=bool(fc["residual_before"]), score_dropout=float(f.dropout.p))
 
@@ -132,8 +129,6 @@ def _fusion_spec(layer, name: str, last, activation: str, state, d: int, n: int,
 def _kind_call(layer, site, kind: str, setups: List[str], row_names: List[str], h, x, state, activation: str):
     """The rows ``h`` / ``x`` [n, (S,) d] of one kind, row i through ``row_names[i]``, in one
     segmented layer call."""
-    from .accelerate import _adapter_tensors, _norm_params, _spec
-
     d = h.shape[-1]
     present = [n for n in setups if n in row_names]
     members = {n: _members(layer, kind, n) for n in present}
@@ -143,10 +138,10 @@ def _kind_call(layer, site, kind: str, setups: List[str], row_names: List[str], 
     last = layer.adapters[members[present[0]][-1]]
     seq = h.shape[1] if h.dim() == 3 else 1
     rows = route_plan([present.index(n) for n in row_names], present, seq, h.device)
-    P = FusionParams(**_adapter_tensors(site, ads, tuple(union)), **_norm_params(state))
+    P = FusionParams(**adapter_tensors(site, ads, tuple(union)), **norm_params(state))
     if kind == "adapter":
         p = last.dropout.p if last.training else 0.0
-        spec = _spec(last, activation, state, d, len(union), r, fusion=False, active=0, adapter_dropout=float(p))
+        spec = layer_spec(last, activation, state, d, len(union), r, fusion=False, active=0, adapter_dropout=float(p))
         segs = [Segment(index=None, spec=dataclasses.replace(spec, active=union.index(n)), query_weight=None,
                         query_bias=None, key_weight=None, key_bias=None, value_weight=None) for n in present]
         backend = REGISTRY[resolve_routed(site.model.backend, h.device, None, h.dtype)]
@@ -173,13 +168,11 @@ def _kind_call(layer, site, kind: str, setups: List[str], row_names: List[str], 
 def _agree(layer, setups: List[Tuple[str, str]], state) -> str:
     """The common activation of the setups at ``layer``, or ValueError: each must be one afkern's
     layer computes (accelerate's checks) and all must share the site's prologue and epilogue."""
-    from .accelerate import _check
-
     acts, sites = set(), set()
     for kind, n in setups:
         members = _members(layer, kind, n)
         setup = _setup_object(kind, n, members)
-        reason, act = _check(layer, members, kind == "fusion", setup, state)
+        reason, act = check(layer, members, kind == "fusion", setup, state)
         if reason is None and kind == "fusion" and n not in layer.adapter_fusion_layer:
             reason = f"no fusion layer {n!r} here"
         if reason is None and any(a not in layer.adapters for a in members):

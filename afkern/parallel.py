@@ -209,10 +209,11 @@ def replicated_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
 
 def _adapterhub(model: nn.Module) -> Optional[str]:
     """"accelerated" / "plain" for an AdapterHub model (one with a BottleneckLayer), else None."""
-    from .accelerate import _is_bottleneck, is_accelerated
+    from .accelerate import is_accelerated
+    from .accelerate_site import is_bottleneck
 
     try:
-        if not any(_is_bottleneck(m) for m in model.modules()):
+        if not any(is_bottleneck(m) for m in model.modules()):
             return None
     except ImportError:  # AdapterHub's adapters is not installed
         return None
@@ -220,9 +221,9 @@ def _adapterhub(model: nn.Module) -> Optional[str]:
 
 
 def _hub_site(layer: nn.Module) -> bool:
-    from .accelerate import _ATTR
+    from .accelerate_site import ATTR
 
-    return any(_ATTR in m.__dict__ and len(m.adapters) > 0 for m in layer.modules())
+    return any(ATTR in m.__dict__ and len(m.adapters) > 0 for m in layer.modules())
 
 
 def _install(model: nn.Module) -> None:
