@@ -30,11 +30,11 @@ from typing import List, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .accelerate_site import ATTR, adapter_tensors, check, layer_spec, norm_params
+from .accelerate_site import ATTR, adapter_tensors, check, folded_weights, layer_spec, norm_params, sources_of
 from .backends import REGISTRY, resolve_routed
 from .compiler import by_kind
 from .ops.params import FusionParams
-from .ops.segments import Segment, SegmentPlan, route_plan
+from .ops.segments import RoutedFold, Segment, SegmentPlan, route_plan
 
 __all__ = ["resolve_setups", "route_setup", "routed_compose"]
 
@@ -160,9 +160,32 @@ def _kind_call(layer, site, kind: str, setups: List[str], row_names: List[str], 
             s, e = rows.bounds[k]
             own = P.select(index) if backend.name == "reference" else None
             segs.append(_fusion_segment(layer, n, index, fspecs[k], e - s, h.dtype, own))
+        if backend.folds and not torch.compiler.is_compiling() and all(g.score_scale is None for g in segs):
+            folds = [_routed_fold(layer, site, n, union, ads, P, fspecs[k]) for k, n in enumerate(present)]
+            if all(f is not None for f in folds):
+                segs = [dataclasses.replace(g, folded=f) for g, f in zip(segs, folds)]
     out, _ = backend.layer(h.reshape(-1, d), x.reshape(-1, d), P, spec, 1.0, None, None, None,
                            SegmentPlan(rows, segs))
     return out.reshape(h.shape)
+
+
+def _routed_fold(layer, site, name: str, union: List[str], ads, P: FusionParams, fspec):
+    """Fusion ``name``'s folded inference maps over every adapter of the call (``union``, the
+    row op masks the others out), as a routed block folds its fusions (``compiler.routed_folds``);
+    None while its weights need gradients (then the layer runs unfolded). Cached per site."""
+    fusion = layer.adapter_fusion_layer[name]
+    sources = sources_of(ads) + list(fusion.parameters())
+    if any(t.requires_grad for t in sources) and (torch.is_grad_enabled() or fusion.training):
+        return None
+    g = lambda m, k: getattr(getattr(fusion, m), k) if fusion.config[m] else None  # noqa: E731
+    Pn = P.replace(query_weight=g("query", "weight"), query_bias=g("query", "bias"), key_weight=g("key", "weight"),
+                   key_bias=g("key", "bias"), value_weight=g("value", "weight"))
+    spec = dataclasses.replace(fspec, n_adapters=len(union))
+    fw = folded_weights(site, ("route", tuple(union), name), sources, ads, Pn, spec)
+    NR = len(union) * P.down_weight.shape[1]
+    if fw.w_q is None:  # w_in = [Wd^T | w_q]: the query part follows the shared Z part
+        return RoutedFold(fw.w_in[:, NR:], fw.b_in[NR:], fw.w_out, fw.w_res)
+    return RoutedFold(fw.w_q, fw.b_q, fw.w_out, fw.w_res)
 
 
 def _agree(layer, setups: List[Tuple[str, str]], state) -> str:

@@ -20,7 +20,7 @@ from .ops.fold import FoldedWeights, fold_weights
 from .ops.params import FusionParams, LayerSpec
 
 __all__ = ["ATTR", "Accelerated", "Site", "is_bottleneck", "check", "layer_spec", "norm_params", "adapter_tensors",
-           "single", "fuse"]
+           "sources_of", "folded_weights", "single", "fuse"]
 
 
 ATTR = "_afkern_accelerated"  # the per-instance record; its presence is what "accelerated" means
@@ -117,7 +117,7 @@ def norm_params(state) -> dict:
     return dict(ln_weight=getattr(norm, "weight", None), ln_bias=getattr(norm, "bias", None), norm_module=norm)
 
 
-def _sources(adapters) -> List[torch.Tensor]:
+def sources_of(adapters) -> List[torch.Tensor]:
     return [t for a in adapters for t in (a.adapter_down[0].weight, a.adapter_down[0].bias, a.adapter_up.weight,
                                           a.adapter_up.bias)]
 
@@ -138,7 +138,7 @@ def _stack(adapters) -> Dict[str, torch.Tensor]:
 def adapter_tensors(site: Site, adapters, names: Tuple[str, ...]) -> Dict[str, torch.Tensor]:
     """The stacked adapter tensors: differentiable when they need gradients now, else cached on
     the version counters and storage of every source tensor (and the scalings)."""
-    src = _sources(adapters)
+    src = sources_of(adapters)
     if torch.is_grad_enabled() and any(t.requires_grad for t in src):
         return _stack(adapters)
     key = _version_key(src) + tuple(a.scaling for a in adapters)
@@ -203,10 +203,10 @@ def fuse(layer, site: Site, setup, names: List[str], activation: str, state):
     backend = _layer_fn(site, spec, h2)
     folded = None
     if backend.folds and score_scale is None and not torch.compiler.is_compiling():
-        sources = _sources(ads) + list(fusion.parameters())
+        sources = sources_of(ads) + list(fusion.parameters())
         trainable = any(t.requires_grad for t in sources)
         if not (trainable and (torch.is_grad_enabled() or fusion.training)):
-            folded = _folded(site, setup.name, sources, ads, P, spec)
+            folded = folded_weights(site, setup.name, sources, ads, P, spec)
     out, probs = backend.layer(h2, x2, P, spec, 1.0 / T, score_scale, folded, None)
     context = ForwardContext.get_context()
     if context is not None and getattr(context, "output_adapter_fusion_attentions", False):
@@ -214,7 +214,7 @@ def fuse(layer, site: Site, setup, names: List[str], activation: str, state):
     return state._replace(hidden_states=out.reshape(h.shape), last=names[-1])
 
 
-def _folded(site: Site, name: str, sources, ads, P: FusionParams, spec: LayerSpec) -> FoldedWeights:
+def folded_weights(site: Site, name, sources, ads, P: FusionParams, spec: LayerSpec) -> FoldedWeights:
     key = (_version_key(sources), tuple(a.scaling for a in ads), spec)
     hit = site.folds.get(name)
     if hit is None or hit[0] != key:
