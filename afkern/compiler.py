@@ -392,11 +392,17 @@ def _mixed_forward(block, h: torch.Tensor, residual_input: torch.Tensor, state: 
 def by_kind(h: torch.Tensor, residual_input: torch.Tensor, kinds: Sequence[str], run) -> torch.Tensor:
     """Rows of ``h`` / ``residual_input`` [n, ...] grouped by ``kinds[i]`` ("fusion" first, then
     "adapter"): ``run(kind, rows, h_k, x_k)`` computes each group's rows, written back in place."""
-    out = torch.empty(h.shape, dtype=torch.promote_types(h.dtype, residual_input.dtype), device=h.device)
-    for kind in ("fusion", "adapter"):
-        rows = [i for i, k in enumerate(kinds) if k == kind]
-        if rows:
-            idx = torch.tensor(rows, device=h.device)
-            part = run(kind, rows, h.index_select(0, idx), residual_input.index_select(0, idx))
-            out = out.index_copy(0, idx, part.to(out.dtype))
+    dtype = torch.promote_types(h.dtype, residual_input.dtype)
+    groups = [(kind, rows) for kind in ("fusion", "adapter") for rows in [[i for i, k in enumerate(kinds) if k == kind]]
+              if rows]
+    if all(rows[-1] - rows[0] + 1 == len(rows) for _, rows in groups):  # each kind one run of rows
+        # (afkern.parallel's layout): views in, one concatenation out
+        parts = sorted((rows[0], run(kind, rows, h[rows[0]:rows[-1] + 1], residual_input[rows[0]:rows[-1] + 1]))
+                       for kind, rows in groups)
+        return torch.cat([p.to(dtype) for _, p in parts]) if len(parts) > 1 else parts[0][1].to(dtype)
+    out = torch.empty(h.shape, dtype=dtype, device=h.device)
+    for kind, rows in groups:
+        idx = torch.tensor(rows, device=h.device)
+        part = run(kind, rows, h.index_select(0, idx), residual_input.index_select(0, idx))
+        out = out.index_copy(0, idx, part.to(out.dtype))
     return out
