@@ -169,3 +169,22 @@ def test_parallel_threads_see_their_own_setups():
         par = _first(model(**inputs))
     errors = threads_agree(model, ["f_all", "f_sub"], inputs, par, plain, _first)
     assert not errors, errors[:3]
+
+
+def test_parallel_spells_a_name_that_is_both_with_a_prefix():
+    spec, model = _model("bert", "pfeiffer")
+    afkern.add_fusion(model, "a", ["a", "b"])  # "a" now names an adapter and a fusion
+    inputs = F.cast_inputs(F.make_inputs(spec, batch=2), torch.float64)
+    with pytest.raises(ValueError, match="names both a fusion and an adapter.*'fusion:a' or 'adapter:a'"):
+        with afkern.parallel(model, ["a", "b"]):
+            pass
+    with pytest.raises(ValueError, match="more than once"):
+        with afkern.parallel(model, ["adapter:a", "fusion:a", "fusion:a"]):
+            pass
+    want = [_alone(model, "a", inputs)]  # _alone takes a fusion name first
+    afkern.set_active_adapter(model, "a")
+    with torch.no_grad():
+        want.append(_first(model(**inputs)))
+    with afkern.parallel(model, ["fusion:a", "adapter:a"]), torch.no_grad():
+        got = _first(model(**inputs))
+    assert max(_rel(got[:2], want[0]), _rel(got[2:], want[1])) <= 1e-9 and _rel(want[0], want[1]) > 1e-3
