@@ -30,7 +30,8 @@ from typing import List, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from .accelerate_site import ATTR, adapter_tensors, check, folded_weights, layer_spec, norm_params, sources_of
+from .accelerate_site import (ATTR, adapter_tensors, check, folded_weights, frozen, fusion_maps, fusion_spec,
+                              layer_spec, norm_params, sources_of)
 from .backends import REGISTRY, resolve_routed
 from .compiler import by_kind
 from .ops.params import FusionParams
@@ -101,29 +102,14 @@ def _fusion_segment(layer, name: str, index: torch.Tensor, spec, rows: int, dtyp
     per-call steps (the temperature anneals after every call; the score dropout of its rows in
     training). ``params``: its FusionParams, for the reference backend (else None)."""
     fusion = layer.adapter_fusion_layer[name]
-    fc = fusion.config
     score_scale = None
     if fusion.training and fusion.dropout.p > 0:
         score_scale = fusion.dropout(torch.ones(rows, len(index), dtype=dtype, device=index.device))
     T = fusion.T
     fusion.T = max(T - fusion.reduction, 1.0)
-    g = lambda m, k: getattr(getattr(fusion, m), k) if fc[m] else None  # noqa: E731
-    seg = Segment(index=index, spec=spec, query_weight=g("query", "weight"), query_bias=g("query", "bias"),
-                  key_weight=g("key", "weight"), key_bias=g("key", "bias"), value_weight=g("value", "weight"),
-                  inv_temperature=1.0 / T, score_scale=score_scale)
-    if params is None:
-        return seg
-    return dataclasses.replace(seg, params=params.replace(
-        query_weight=seg.query_weight, query_bias=seg.query_bias, key_weight=seg.key_weight,
-        key_bias=seg.key_bias, value_weight=seg.value_weight))
-
-
-def _fusion_spec(layer, name: str, last, activation: str, state, d: int, n: int, r: int):
-    f = layer.adapter_fusion_layer[name]
-    fc = f.config
-    return layer_spec(last, activation, state, d, n, r, fusion=True, query=bool(fc["query"]), key=bool(fc["key"]),
-                 value=bool(fc["value"]), query_before_ln=bool(fc["query_before_ln"]),
-                 residual_before=bool(fc["residual_before"]), score_dropout=float(f.dropout.p))
+    maps = fusion_maps(fusion)
+    return Segment(index=index, spec=spec, **maps, inv_temperature=1.0 / T, score_scale=score_scale,
+                   params=None if params is None else params.replace(**maps))
 
 
 def _kind_call(layer, site, kind: str, setups: List[str], row_names: List[str], h, x, state, activation: str):
@@ -146,7 +132,8 @@ def _kind_call(layer, site, kind: str, setups: List[str], row_names: List[str], 
                         query_bias=None, key_weight=None, key_bias=None, value_weight=None) for n in present]
         backend = REGISTRY[resolve_routed(site.model.backend, h.device, None, h.dtype)]
     else:
-        fspecs = [_fusion_spec(layer, n, last, activation, state, d, len(members[n]), r) for n in present]
+        fspecs = [fusion_spec(layer.adapter_fusion_layer[n], last, activation, state, d, len(members[n]), r)
+                  for n in present]
         spec = dataclasses.replace(fspecs[0], n_adapters=len(union), query_before_ln=False, residual_before=False,
                                    score_dropout=0.0)
         backend = REGISTRY[resolve_routed(site.model.backend, h.device, spec, h.dtype)]
@@ -175,11 +162,9 @@ def _routed_fold(layer, site, name: str, union: List[str], ads, P: FusionParams,
     None while its weights need gradients (then the layer runs unfolded). Cached per site."""
     fusion = layer.adapter_fusion_layer[name]
     sources = sources_of(ads) + list(fusion.parameters())
-    if any(t.requires_grad for t in sources) and (torch.is_grad_enabled() or fusion.training):
+    if not frozen(fusion, sources):
         return None
-    g = lambda m, k: getattr(getattr(fusion, m), k) if fusion.config[m] else None  # noqa: E731
-    Pn = P.replace(query_weight=g("query", "weight"), query_bias=g("query", "bias"), key_weight=g("key", "weight"),
-                   key_bias=g("key", "bias"), value_weight=g("value", "weight"))
+    Pn = P.replace(**fusion_maps(fusion))
     spec = dataclasses.replace(fspec, n_adapters=len(union))
     fw = folded_weights(site, ("route", tuple(union), name), sources, ads, Pn, spec)
     NR = len(union) * P.down_weight.shape[1]

@@ -20,7 +20,7 @@ from .ops.fold import FoldedWeights, fold_weights
 from .ops.params import FusionParams, LayerSpec
 
 __all__ = ["ATTR", "Accelerated", "Site", "is_bottleneck", "check", "layer_spec", "norm_params", "adapter_tensors",
-           "sources_of", "folded_weights", "single", "fuse"]
+           "sources_of", "folded_weights", "fusion_maps", "fusion_spec", "frozen", "single", "fuse"]
 
 
 ATTR = "_afkern_accelerated"  # the per-instance record; its presence is what "accelerated" means
@@ -172,12 +172,34 @@ def single(layer, site: Site, name: str, activation: str, state):
     return state._replace(hidden_states=out.reshape(h.shape), last=name)
 
 
+def fusion_maps(fusion) -> Dict[str, Optional[torch.Tensor]]:
+    """A ``BertFusion``'s query / key / value tensors as afkern's FusionParams fields (None where
+    its config turns a map off)."""
+    on = fusion.config
+    g = lambda m, k: getattr(getattr(fusion, m), k) if on[m] else None  # noqa: E731
+    return dict(query_weight=g("query", "weight"), query_bias=g("query", "bias"), key_weight=g("key", "weight"),
+                key_bias=g("key", "bias"), value_weight=g("value", "weight"))
+
+
+def fusion_spec(fusion, last, activation: str, state, d: int, n: int, r: int) -> LayerSpec:
+    """The LayerSpec of ``fusion`` (a ``BertFusion``) over ``n`` adapters, ``last`` the last of them."""
+    fc = fusion.config
+    return layer_spec(last, activation, state, d, n, r, fusion=True, query=bool(fc["query"]), key=bool(fc["key"]),
+                      value=bool(fc["value"]), query_before_ln=bool(fc["query_before_ln"]),
+                      residual_before=bool(fc["residual_before"]), score_dropout=float(fusion.dropout.p))
+
+
+def frozen(fusion, sources) -> bool:
+    """Whether a fusion's folded inference weights may serve this call: its sources need no
+    gradient now and are not being trained."""
+    return not (any(t.requires_grad for t in sources) and (torch.is_grad_enabled() or fusion.training))
+
+
 def fuse(layer, site: Site, setup, names: List[str], activation: str, state):
     """``compose_fuse`` of a Fuse of plain adapters: the whole fusion in afkern's layer."""
     from adapters.context import ForwardContext
 
     fusion = layer.adapter_fusion_layer[setup.name]
-    fc = fusion.config
     ads = [layer.adapters[n] for n in names]
     h, x = state.hidden_states, state.input_tensor
     d = h.shape[-1]
@@ -193,19 +215,14 @@ def fuse(layer, site: Site, setup, names: List[str], activation: str, state):
         score_scale = fusion.dropout(torch.ones(*h.shape[:-1], N, dtype=h.dtype, device=h.device)).reshape(-1, N)
     T = fusion.T
     fusion.T = max(T - fusion.reduction, 1.0)  # AdapterHub anneals after every call, train and eval
-    g = lambda m, k: getattr(getattr(fusion, m), k) if fc[m] else None  # noqa: E731
-    fparams = dict(query_weight=g("query", "weight"), query_bias=g("query", "bias"), key_weight=g("key", "weight"),
-                   key_bias=g("key", "bias"), value_weight=g("value", "weight"))
-    spec = layer_spec(ads[-1], activation, state, d, N, r, fusion=True, query=bool(fc["query"]), key=bool(fc["key"]),
-                 value=bool(fc["value"]), query_before_ln=bool(fc["query_before_ln"]),
-                 residual_before=bool(fc["residual_before"]), score_dropout=float(fusion.dropout.p))
+    fparams = fusion_maps(fusion)
+    spec = fusion_spec(fusion, ads[-1], activation, state, d, N, r)
     P = FusionParams(**adapter_tensors(site, ads, tuple(names)), **fparams, **norm_params(state))
     backend = _layer_fn(site, spec, h2)
     folded = None
     if backend.folds and score_scale is None and not torch.compiler.is_compiling():
         sources = sources_of(ads) + list(fusion.parameters())
-        trainable = any(t.requires_grad for t in sources)
-        if not (trainable and (torch.is_grad_enabled() or fusion.training)):
+        if frozen(fusion, sources):
             folded = folded_weights(site, setup.name, sources, ads, P, spec)
     out, probs = backend.layer(h2, x2, P, spec, 1.0 / T, score_scale, folded, None)
     context = ForwardContext.get_context()
