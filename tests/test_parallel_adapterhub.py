@@ -110,24 +110,27 @@ def test_rows_equal_adapterhub_with_each_setup_active(name, variant):
     assert _rel(plain, _adapterhub(model, Fuse("a", "b", "c"), inputs)) <= 1e-9
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_float32_error_within_twice_adapterhubs_own(backend):
-    """float32: each row block's error against the float64 truth (AdapterHub's code in float64)
-    is at most twice AdapterHub's own float32 error, plus the dtype's unit roundoff."""
-    spec, m32 = _hub("bert", "double_seq_bn", dtype=torch.float32)
-    m64 = copy.deepcopy(m32).double()
+@pytest.mark.parametrize("backend,dtype", [("torch", torch.float32), ("triton", torch.float32),
+                                           ("torch", torch.bfloat16)])
+def test_low_precision_error_within_twice_adapterhubs_own(backend, dtype):
+    """float32 / bfloat16: each row block's error against the float64 truth (AdapterHub's code in
+    float64) is at most twice AdapterHub's own error in that dtype, plus the dtype's unit roundoff."""
+    spec, low = _hub("bert", "double_seq_bn", dtype=torch.float32)
+    m64 = copy.deepcopy(low).double()
+    low.to(dtype)
     raw = F.make_inputs(spec, batch=3, pad_from=4)
     setups = SETUPS["mixed"]
     truth = [_adapterhub(m64, s, F.cast_inputs(raw, torch.float64)) for s in setups]
-    own = [_adapterhub(m32, s, F.cast_inputs(raw, torch.float32)) for s in setups]
-    afkern.accelerate(m32, backend=backend)
-    with afkern.parallel(m32, setups), torch.no_grad():
-        got = _first(m32(**F.cast_inputs(raw, torch.float32)))
-    assert got.dtype == torch.float32
+    own = [_adapterhub(low, s, F.cast_inputs(raw, dtype)) for s in setups]
+    afkern.accelerate(low, backend=backend)
+    with afkern.parallel(low, setups), torch.no_grad():
+        got = _first(low(**F.cast_inputs(raw, dtype)))
+    assert got.dtype == dtype
     B = truth[0].shape[0]
+    floor = {torch.float32: 1e-7, torch.bfloat16: 1e-3}[dtype]
     for j, s in enumerate(setups):
         e, e_own = _rel(got[j * B:(j + 1) * B].double(), truth[j]), _rel(own[j].double(), truth[j])
-        assert e <= 2 * e_own + 1e-7, (s, e, e_own)
+        assert e <= 2 * e_own + floor, (s, e, e_own)
 
 
 def test_replicated_late_and_the_accelerated_layer_runs(monkeypatch):
