@@ -42,7 +42,7 @@ from .ops.segments import RoutedFold, RoutePlan, Segment, SegmentPlan, route_pla
 
 __all__ = ["ACTIVE_ROUTES", "current_route", "RouteState", "RecordedRoute", "forward", "block_spec", "block_params",
            "fusion_params", "folded_weights", "routed_folds", "segments", "adapter_segments", "routed_spec", "single_spec",
-           "needs_grad",
+           "needs_grad", "by_kind",
            "ADAPTER_PARAMS"]
 
 ADAPTER_PARAMS = ("down_weight", "down_bias", "up_weight", "up_bias")
@@ -393,23 +393,36 @@ def forward(block, h: torch.Tensor, residual_input: torch.Tensor) -> torch.Tenso
 
 def _mixed_forward(block, h: torch.Tensor, residual_input: torch.Tensor, state: RouteState) -> torch.Tensor:
     """A route whose entries mix fusions and single adapters (``afkern.parallel``): the sequences
-    (or tokens) of each kind run as one routed layer call of that kind, written back in place.
+    (or tokens) of each kind run as one routed layer call of that kind (:func:`by_kind`).
     ``state.kinds[i]`` is entry i's kind."""
-    lead = tuple(h.shape[:-1])
-    n = lead[0]
-    if n != len(state.names):
-        state.plan(block, lead, h.device)  # raises the route-length error
-    out = torch.empty(h.shape, dtype=torch.promote_types(h.dtype, residual_input.dtype), device=h.device)
-    for kind in ("fusion", "adapter"):
-        rows = [i for i, k in enumerate(state.kinds) if k == kind]
-        if not rows:
-            continue
-        idx = torch.tensor(rows, device=h.device)
+    if tuple(h.shape[:-1])[0] != len(state.names):
+        state.plan(block, tuple(h.shape[:-1]), h.device)  # raises the route-length error
+
+    def run(kind, rows, h_k, x_k):
         sub = RouteState(kind, [state.names[i] for i in rows], state.blocks)
         token = ACTIVE_ROUTES.set(ACTIVE_ROUTES.get() + (sub,))
         try:
-            part = forward(block, h.index_select(0, idx), residual_input.index_select(0, idx))
+            return forward(block, h_k, x_k)
         finally:
             ACTIVE_ROUTES.reset(token)
+
+    return by_kind(h, residual_input, state.kinds, run)
+
+
+def by_kind(h: torch.Tensor, residual_input: torch.Tensor, kinds: Sequence[str], run) -> torch.Tensor:
+    """Rows of ``h`` / ``residual_input`` [n, ...] grouped by ``kinds[i]`` ("fusion" first, then
+    "adapter"): ``run(kind, rows, h_k, x_k)`` computes each group's rows, written back in place."""
+    dtype = torch.promote_types(h.dtype, residual_input.dtype)
+    groups = [(kind, rows) for kind in ("fusion", "adapter") for rows in [[i for i, k in enumerate(kinds) if k == kind]]
+              if rows]
+    if all(rows[-1] - rows[0] + 1 == len(rows) for _, rows in groups):  # each kind one run of rows
+        # (afkern.parallel's layout): views in, one concatenation out
+        parts = sorted((rows[0], run(kind, rows, h[rows[0]:rows[-1] + 1], residual_input[rows[0]:rows[-1] + 1]))
+                       for kind, rows in groups)
+        return torch.cat([p.to(dtype) for _, p in parts]) if len(parts) > 1 else parts[0][1].to(dtype)
+    out = torch.empty(h.shape, dtype=dtype, device=h.device)
+    for kind, rows in groups:
+        idx = torch.tensor(rows, device=h.device)
+        part = run(kind, rows, h.index_select(0, idx), residual_input.index_select(0, idx))
         out = out.index_copy(0, idx, part.to(out.dtype))
     return out

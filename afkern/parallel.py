@@ -24,6 +24,12 @@ Mechanism (state per call, docs/DESIGN.md section 7):
   ``parallel`` context of the model is open and read a context variable, so another thread calling
   the same model outside the context sees a plain forward.
 
+On an accelerated AdapterHub model (``afkern.accelerate``) the setups are AdapterHub's names (an
+adapter; a fusion as AdapterHub names it, ``"a,b"``, or a ``Fuse(...)``): AdapterHub's
+``Parallel(A, B, Fuse(A, B))``, which it refuses. Same hooks, same per-call route, over the
+model's bottleneck layers (``afkern/accelerate_routes.py``); a model that is not accelerated is
+refused.
+
 Limits: a forward with a KV cache (``past_key_values``, ``generate``) is refused, since the cache
 of the first step would be B rows; ``labels`` given to the model are tiled K times with the rows.
 """
@@ -42,7 +48,8 @@ import torch.nn as nn
 from .families import family_of
 from .model import blocks_of
 from .compiler import ACTIVE_ROUTES, RouteState
-from .sites import slots_of
+from .routing import setup_kinds
+from .sites import base_model_of, slots_of
 
 __all__ = ["parallel", "replicated_layers"]
 
@@ -182,14 +189,41 @@ def replicated_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
     by_stack: Dict[str, list] = {}
     for slot in slots_of(model, family):
         by_stack.setdefault(slot.stack.layers, []).append(slot)
-    for slots in by_stack.values():
+    hub = _adapterhub(model)
+    for i, (path, slots) in enumerate(by_stack.items()):
+        parent = ".".join(path.split(".")[:-2])
+        if hub and i > 0 and parent:
+            # AdapterHub's decoder stack replicates its input_ids to its encoder states' rows (the
+            # Parallel it knows) but not its masks: the whole decoder stack is tiled at its entry
+            stack = base_model_of(model).get_submodule(parent)
+            seen.add(id(stack))
+            out.append((parent, stack))
         started = False
         for slot in slots:
-            started = started or slot.block() is not None
+            started = started or (_hub_site(slot.layer) if hub else slot.block() is not None)
             if started and id(slot.layer) not in seen:
                 seen.add(id(slot.layer))
                 out.append((slot.path, slot.layer))
     return out
+
+
+def _adapterhub(model: nn.Module) -> Optional[str]:
+    """"accelerated" / "plain" for an AdapterHub model (one with a BottleneckLayer), else None."""
+    from .accelerate import is_accelerated
+    from .accelerate_site import is_bottleneck
+
+    try:
+        if not any(is_bottleneck(m) for m in model.modules()):
+            return None
+    except ImportError:  # AdapterHub's adapters is not installed
+        return None
+    return "accelerated" if is_accelerated(model) else "plain"
+
+
+def _hub_site(layer: nn.Module) -> bool:
+    from .accelerate_site import ATTR
+
+    return any(ATTR in m.__dict__ and len(m.adapters) > 0 for m in layer.modules())
 
 
 def _install(model: nn.Module) -> None:
@@ -222,28 +256,24 @@ def _resolve_setups(model: nn.Module, setups: Sequence[str]):
     names = list(setups)
     if not names:
         raise ValueError("afkern.parallel needs at least one setup (an adapter or fusion name); got an empty list")
-    bad = [n for n in names if not isinstance(n, str)]
-    if bad:
-        raise TypeError(f"afkern.parallel setups are adapter or fusion names (str), got {bad[:3]}")
-    twice = sorted({n for n in names if names.count(n) > 1})
+    hub = _adapterhub(model)
+    if hub == "plain":
+        raise ValueError(f"afkern.parallel: {type(model).__name__} is an AdapterHub model that afkern does not "
+                         "compute; call afkern.accelerate(model) first")
+    if hub == "accelerated":
+        from .accelerate_routes import resolve_setups
+
+        names, kinds, layers = resolve_setups(model, names)
+    else:
+        blocks = blocks_of(model, "afkern.parallel")
+        names, kinds = setup_kinds(blocks, names, "afkern.parallel")
+        layers = frozenset(id(b) for b in blocks)
+    pairs = list(zip(kinds, names))
+    twice = sorted({n for k, n in pairs if pairs.count((k, n)) > 1})
     if twice:
         raise ValueError(f"afkern.parallel got the setups {twice} more than once; each setup runs once")
-    blocks = blocks_of(model, "afkern.parallel")
-    fusions, adapters = list(blocks[0].fusions), list(blocks[0].adapter_names)
-    kinds = []
-    for n in names:
-        is_f, is_a = n in fusions, n in adapters
-        if is_f and is_a:
-            raise ValueError(f"{n!r} names both a fusion and an adapter of the model; rename one")
-        if not (is_f or is_a):
-            raise ValueError(f"unknown setup {n!r}: the model has adapters {adapters} and fusions {fusions}")
-        kinds.append("fusion" if is_f else "adapter")
-    for b in blocks:
-        missing = [n for n, k in zip(names, kinds) if n not in (b.fusions if k == "fusion" else b.adapter_names)]
-        if missing:
-            raise ValueError(f"setups {missing} are missing in some blocks of the model")
     kind = kinds[0] if len(set(kinds)) == 1 else "mixed"
-    return tuple(names), kind, frozenset(id(b) for b in blocks), tuple(kinds)
+    return tuple(names), kind, layers, tuple(kinds)
 
 
 @contextlib.contextmanager
@@ -251,8 +281,9 @@ def parallel(model: nn.Module, setups: Sequence[str]) -> Iterator[nn.Module]:
     """Context manager: a forward of a batch of B sequences inside it runs each of the K
     ``setups`` (single-adapter or fusion names, mixed) over the whole batch and returns K·B rows,
     setup j in rows j·B to (j+1)·B-1 (AdapterHub's ``Parallel`` layout), each equal to the model
-    run with that setup active. Everything is checked before the context opens: an unknown name, an
-    empty list or a name twice raises and changes nothing."""
+    run with that setup active. On an accelerated AdapterHub model the setups are AdapterHub
+    adapter and fusion names (``"a,b"``) or ``Fuse(...)`` objects. Everything is checked before the
+    context opens: an unknown name, an empty list or a name twice raises and changes nothing."""
     if hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":
         raise ValueError("afkern.parallel does not reach into a torch.compile'd model; use the uncompiled model")
     names, kind, blocks, kinds = _resolve_setups(model, setups)

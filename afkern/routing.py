@@ -12,7 +12,9 @@ same adapters. Here::
 
 Each routed sequence's output equals that sequence run alone with its fusion active; in training
 each fusion's parameters get gradient from their own sequences only. ``afkern.route(model,
-adapter=[...])`` routes single adapters (no fusion): all stage-1 adapters trained in one run.
+adapter=[...])`` routes single adapters (no fusion): all stage-1 adapters trained in one run;
+``afkern.route(model, setup=["rte", "sst2", ...])`` mixes the two kinds (each name a fusion or an
+adapter): several tasks, fusion targets and stage-1 tasks, served in one batch.
 
 Mechanism: :func:`route` validates the route against every block, then sets a context variable
 (per thread and task); a block whose forward sees it for itself has the setup compiler
@@ -151,11 +153,46 @@ def _resolve(entries: list, order: List[str], what: str) -> List[str]:
     return names
 
 
+SETUP_PREFIXES = ("fusion:", "adapter:")  # spell a name that is both a fusion and an adapter
+
+
+def setup_kinds(blocks, entries: Sequence[str], caller: str):
+    """(names, kinds) of a list of setup entries, each a fusion or a single-adapter name of every
+    block in ``blocks`` (``fusion:NAME`` / ``adapter:NAME`` where a name is both). ValueError /
+    TypeError naming what was expected; nothing is written."""
+    fusions, adapters = list(blocks[0].fusions), list(blocks[0].adapter_names)
+    bad = [v for v in entries if not isinstance(v, str)]
+    if bad:
+        raise TypeError(f"{caller} setups are adapter or fusion names (str), got {bad[:3]}")
+    names, kinds = [], []
+    for v in entries:
+        is_f, is_a = v in fusions, v in adapters
+        if not (is_f or is_a):
+            pre = next((p for p in SETUP_PREFIXES if v.startswith(p)), None)
+            if pre is not None and v[len(pre):] in (fusions if pre == "fusion:" else adapters):
+                names.append(v[len(pre):])
+                kinds.append(pre[:-1])
+                continue
+            raise ValueError(f"unknown setup {v!r}: the model has adapters {adapters} and fusions {fusions}")
+        if is_f and is_a:
+            raise ValueError(f"{v!r} names both a fusion and an adapter of the model; write 'fusion:{v}' or "
+                             f"'adapter:{v}'")
+        names.append(v)
+        kinds.append("fusion" if is_f else "adapter")
+    for b in blocks:
+        missing = sorted({n for n, k in zip(names, kinds) if n not in (b.fusions if k == "fusion" else b.adapter_names)})
+        if missing:
+            raise ValueError(f"setups {missing} are missing in some blocks of the model")
+    return names, kinds
+
+
 @contextlib.contextmanager
-def route(model: nn.Module, fusion=None, adapter=None) -> Iterator[nn.Module]:
+def route(model: nn.Module, fusion=None, adapter=None, setup=None) -> Iterator[nn.Module]:
     """Context manager: the forwards inside run sequence i of the batch through fusion
     ``fusion[i]`` (a name, or an index in the model's fusion order), or through the single
-    adapter ``adapter[i]`` (no fusion). For [tokens, hidden] inputs there is one entry per token.
+    adapter ``adapter[i]`` (no fusion), or, kinds mixed, through ``setup[i]``: a fusion or an
+    adapter name (``fusion:NAME`` / ``adapter:NAME`` where a name is both). For [tokens, hidden]
+    inputs there is one entry per token.
 
     A routed output equals that sequence run alone with its fusion (adapter) active, padding and
     attention masks included; in training each fusion's parameters get gradient from their own
@@ -163,15 +200,22 @@ def route(model: nn.Module, fusion=None, adapter=None) -> Iterator[nn.Module]:
     dropout once per forward, as it would alone. Everything is checked before the context is
     entered (unknown names, a model without fusions); the length when the batch arrives.
     """
-    if (fusion is None) == (adapter is None):
-        raise ValueError("route takes exactly one of fusion=[...] (one fusion per sequence) or adapter=[...]")
-    kind = "fusion" if fusion is not None else "adapter"
-    entries = _entries(fusion if fusion is not None else adapter, kind)
+    given = {k: v for k, v in (("fusion", fusion), ("adapter", adapter), ("setup", setup)) if v is not None}
+    if len(given) != 1:
+        raise ValueError("route takes exactly one of fusion=[...] (one fusion per sequence), adapter=[...] or "
+                         f"setup=[...] (a fusion or adapter name per sequence); got {sorted(given) or 'none'}")
+    ((kind, values),) = given.items()
+    entries = _entries(values, kind)
     if hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":
         raise ValueError("afkern.route does not reach into a torch.compile'd model (its graph runs the active setup); "
                          "route the uncompiled model")
     blocks = blocks_of(model, "routing")
-    if kind == "fusion":
+    kinds = None
+    if kind == "setup":
+        names, kinds = setup_kinds(blocks, entries, "route")
+        kind = kinds[0] if len(set(kinds)) == 1 else "mixed"
+        kinds = kinds if kind == "mixed" else None
+    elif kind == "fusion":
         order = list(blocks[0].fusions)
         if not order:
             raise ValueError("routing by fusion needs fusions; the model has none (afkern.add_fusion)")
@@ -187,7 +231,7 @@ def route(model: nn.Module, fusion=None, adapter=None) -> Iterator[nn.Module]:
             missing = sorted({n for n in names if n not in b.adapter_names})
             if missing:
                 raise ValueError(f"adapters {missing} are missing in some blocks of the model (they have {b.adapter_names})")
-    state = RouteState(kind, names, frozenset(id(b) for b in blocks))
+    state = RouteState(kind, names, frozenset(id(b) for b in blocks), kinds=kinds)
     token = ACTIVE_ROUTES.set(ACTIVE_ROUTES.get() + (state,))
     try:
         yield model

@@ -132,6 +132,33 @@ def test_parallel_refuses_a_kv_cache_and_tiles_labels():
         model(input_ids=inputs["input_ids"][:, :1], past_key_values=past)
 
 
+def threads_agree(model, setups, inputs, par, plain, first):
+    """Four threads, two calling ``model`` inside ``parallel(model, setups)`` and two plainly, at
+    once: the (thread, what went wrong) of every call that does not give ``par`` / ``plain``."""
+    errors = []
+
+    def run(inside):
+        for _ in range(5):
+            try:
+                with torch.no_grad():
+                    if inside:
+                        with afkern.parallel(model, setups):
+                            ok = torch.equal(first(model(**inputs)), par)
+                    else:
+                        ok = torch.equal(first(model(**inputs)), plain)
+            except Exception as exc:  # noqa: BLE001  (a raising call is a wrong call)
+                ok = f"{type(exc).__name__}: {exc}"
+            if ok is not True:
+                errors.append((inside, ok))
+
+    ts = [threading.Thread(target=run, args=(i % 2 == 0,)) for i in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return errors
+
+
 def test_parallel_threads_see_their_own_setups():
     """One thread inside parallel, another calling the same model plainly at the same time."""
     spec, model = _model("llama", "houlsby")
@@ -140,26 +167,24 @@ def test_parallel_threads_see_their_own_setups():
     plain = _alone(model, "f_all", inputs)
     with afkern.parallel(model, ["f_all", "f_sub"]), torch.no_grad():
         par = _first(model(**inputs))
-    errors = []
-
-    def run(parallel_call):
-        for _ in range(5):
-            try:
-                with torch.no_grad():
-                    if parallel_call:
-                        with afkern.parallel(model, ["f_all", "f_sub"]):
-                            out = _first(model(**inputs))
-                        ok = torch.equal(out, par)
-                    else:
-                        ok = torch.equal(_first(model(**inputs)), plain)
-            except Exception as exc:  # noqa: BLE001  (a raising call is a wrong call)
-                ok = f"{type(exc).__name__}: {exc}"
-            if ok is not True:
-                errors.append((parallel_call, ok))
-
-    ts = [threading.Thread(target=run, args=(i % 2 == 0,)) for i in range(4)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
+    errors = threads_agree(model, ["f_all", "f_sub"], inputs, par, plain, _first)
     assert not errors, errors[:3]
+
+
+def test_parallel_spells_a_name_that_is_both_with_a_prefix():
+    spec, model = _model("bert", "pfeiffer")
+    afkern.add_fusion(model, "a", ["a", "b"])  # "a" now names an adapter and a fusion
+    inputs = F.cast_inputs(F.make_inputs(spec, batch=2), torch.float64)
+    with pytest.raises(ValueError, match="names both a fusion and an adapter.*'fusion:a' or 'adapter:a'"):
+        with afkern.parallel(model, ["a", "b"]):
+            pass
+    with pytest.raises(ValueError, match="more than once"):
+        with afkern.parallel(model, ["adapter:a", "fusion:a", "fusion:a"]):
+            pass
+    want = [_alone(model, "a", inputs)]  # _alone takes a fusion name first
+    afkern.set_active_adapter(model, "a")
+    with torch.no_grad():
+        want.append(_first(model(**inputs)))
+    with afkern.parallel(model, ["fusion:a", "adapter:a"]), torch.no_grad():
+        got = _first(model(**inputs))
+    assert max(_rel(got[:2], want[0]), _rel(got[2:], want[1])) <= 1e-9 and _rel(want[0], want[1]) > 1e-3

@@ -182,3 +182,26 @@ def test_text_pairs_are_read_and_encoded_as_in_training(run_dir, tmp_path):
         ref = _alone(run_dir, spec, [rows[i]["text"] for i in idx], torch.float64, [rows[i]["text"][::-1] for i in idx])
         for i, p in zip(idx, ref):
             assert got[i]["probability"] == pytest.approx(float(p.max()), abs=1e-9)
+
+
+def test_a_batch_of_both_kinds_is_one_forward_and_equals_each_task_alone(run_dir):
+    """Fusion targets and stage-1 tasks in one batch: ONE encoder forward (route(setup=...)), the
+    same predictions as each task predicted on its own."""
+    rows = run_dir["rows"]
+    kinds = {find_task(run_dir["out"], r["task"]).kind for r in rows}
+    assert kinds == {"fusion", "adapter"}
+    pred = Predictor(run_dir["out"], TASKS, dtype=torch.float64, batch_size=len(rows), backend="torch")
+    calls = []
+    handle = pred.encoder.register_forward_hook(lambda m, a, o: calls.append(o.last_hidden_state.shape[0]))
+    try:
+        got = pred.predict([r["text"] for r in rows], [r["task"] for r in rows])
+    finally:
+        handle.remove()
+    assert calls == [len(rows)]
+    for spec in TASKS:
+        idx = [i for i, r in enumerate(rows) if r["task"] == spec]
+        one = pred.predict([rows[i]["text"] for i in idx], spec)
+        for i, p in zip(idx, one):
+            assert got[i]["label"] == p["label"]
+            assert [got[i]["probabilities"][n] for n in pred.label_names(spec)] == pytest.approx(
+                [p["probabilities"][n] for n in pred.label_names(spec)], abs=1e-9)

@@ -571,3 +571,97 @@ def test_route_plan_reused_across_sequence_lengths_and_batch_shapes():
     for ids, mask, out in outs:
         want = _alone(m, ids, mask, route[:ids.shape[0]])
         assert rel_err(out, want) < 1e-9, f"batch {tuple(ids.shape)}: {rel_err(out, want):.3g}"
+
+
+# ----------------------------------------------------------------------------------- mixed kinds
+MIXED_CASES = [(n, p) for n in ("bert", "gpt2") for p in ("pfeiffer", "houlsby")]  # a swap and a hooked family
+
+
+@pytest.mark.parametrize("name,placement", MIXED_CASES, ids=[f"{n}-{p}" for n, p in MIXED_CASES])
+def test_setup_route_mixes_fusions_and_adapters_each_sequence_alone(name, placement):
+    """route(setup=[...]): each sequence through its own fusion or single adapter, kinds mixed in
+    one batch, equals that sequence run alone with its setup active (float64, masks, padding)."""
+    import test_parallel as TP
+
+    spec, model = TP._model(name, placement)
+    B = 5
+    inputs = TP.F.cast_inputs(TP.F.make_inputs(spec, batch=B, pad_from=3), torch.float64)
+    inputs["attention_mask"][1, 4:] = 0
+    setup = ["f_sub", "b", "f_all", "b", "c"]
+    afkern.set_active_fusion(model, "f_all")
+    with torch.no_grad():
+        with afkern.route(model, setup=setup):
+            got = TP._first(model(**inputs))
+        want = torch.cat([TP._alone(model, s, {k: (v[i:i + 1] if torch.is_tensor(v) else v) for k, v in inputs.items()})
+                          for i, s in enumerate(setup)])
+    assert rel_err(got, want) < 1e-9
+    # the rows of different setups differ: the test sees a wrong route
+    other = torch.cat([TP._alone(model, "a", {k: (v[i:i + 1] if torch.is_tensor(v) else v) for k, v in inputs.items()})
+                       for i in range(B)])
+    assert all(rel_err(got[i], other[i]) > 1e-4 for i in range(B))
+    # one kind only is the plain routed path (no "mixed" state)
+    with torch.no_grad(), afkern.route(model, setup=["c", "a", "b", "a", "c"]):
+        only = TP._first(model(**inputs))
+    with torch.no_grad(), afkern.route(model, adapter=["c", "a", "b", "a", "c"]):
+        torch.testing.assert_close(only, TP._first(model(**inputs)), rtol=0, atol=0)
+
+
+def test_setup_route_gradients_reach_each_setup_from_its_own_sequences():
+    m = _tiny_bert(PLAIN).train()
+    ids, mask = _batch(B=4)
+    setup = ["tri", "a", "sub", "a"]
+    w = torch.randn(4, 9, 40, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    temps = _temperatures(m)
+    with afkern.route(m, setup=setup):
+        out = m(ids, attention_mask=mask).last_hidden_state
+    (out * w).sum().backward()
+    grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    m.zero_grad(set_to_none=True)
+    outs = []
+    for i, s in enumerate(setup):
+        _set_temperatures(m, temps)
+        (afkern.set_active_fusion if s in afkern.fusion_names(m) else afkern.set_active_adapter)(m, s)
+        o = m(ids[i:i + 1], attention_mask=mask[i:i + 1]).last_hidden_state
+        (o * w[i:i + 1]).sum().backward()
+        outs.append(o.detach())
+    assert rel_err(out, torch.cat(outs)) < 1e-9
+    ref = {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+    assert sorted(grads) == sorted(ref) and any("fusions.rev" in n for n in dict(m.named_parameters()))
+    assert not any("fusions.rev" in n for n in grads)  # "rev" routes no sequence: no gradient
+    scale = max(float(g.abs().max()) for g in ref.values())
+    for n in ref:  # relative per tensor; a gradient that is zero in exact arithmetic (a key bias) at scale
+        floor = max(float(ref[n].abs().max()), 1e-6 * scale)
+        assert float((grads[n] - ref[n]).abs().max()) <= 1e-9 * floor, n
+    assert grads["encoder.layer.1.output.fusions.tri.query.weight"].abs().max() > 0
+
+
+def test_setup_route_bad_input_and_names_that_are_both():
+    m = _tiny_bert(PLAIN)
+    afkern.add_fusion(m, "a", ["a", "b"])  # "a" now names an adapter and a fusion
+    ids, mask = _batch(B=2)
+    state = copy.deepcopy(m.state_dict())
+    for kw, err, exc in ((dict(setup=["tri", "nope"]), "unknown setup 'nope'", ValueError),
+                         (dict(setup=["a", "tri"]), "names both a fusion and an adapter.*'fusion:a' or 'adapter:a'",
+                          ValueError),
+                         (dict(setup=[0, "tri"]), "names \\(str\\)", TypeError),
+                         (dict(setup=[]), "route is empty", ValueError),
+                         (dict(setup="tri"), "one setup per sequence", TypeError),
+                         (dict(setup=["tri"], fusion=["tri"]), "exactly one of", ValueError),
+                         (dict(setup=["fusion:zz"]), "unknown setup 'fusion:zz'", ValueError)):
+        with pytest.raises(exc, match=err):
+            with afkern.route(m, **kw):
+                pass
+    with pytest.raises(ValueError, match="route has 3 entries but the batch has 2 sequences"):
+        with afkern.route(m, setup=["tri", "b", "c"]):
+            m(ids, attention_mask=mask)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    # the prefixes spell either kind of "a"
+    with torch.no_grad():
+        with afkern.route(m, setup=["fusion:a", "adapter:a"]):
+            out = m(ids, attention_mask=mask).last_hidden_state
+        afkern.set_active_fusion(m, "a")
+        r0 = m(ids[:1], attention_mask=mask[:1]).last_hidden_state
+        afkern.set_active_adapter(m, "a")
+        r1 = m(ids[1:], attention_mask=mask[1:]).last_hidden_state
+    assert rel_err(out, torch.cat([r0, r1])) < 1e-9

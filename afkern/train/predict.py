@@ -6,8 +6,8 @@ adapters, the fusion ``a,b,...`` and ``classifier/``) or a stage-1 task (``adapt
 ``heads/NAME``); where both exist (the demo's target) the fusion is taken, and ``adapter:NAME``
 asks for the single adapter. :class:`Predictor` builds ONE encoder with every adapter the tasks
 use and each fusion task's fusion under the task's own name, and one head per task. A batch mixes
-the tasks: ``afkern.route`` sends each sequence through its task's fusion; stage-1 tasks' rows go
-in batches of their own, routed by adapter (a route is by fusion or by adapter). So each row's
+the tasks, fusion targets and stage-1 tasks alike: ``afkern.route(setup=...)`` sends each sequence
+through its task's fusion or its task's single adapter, one forward a batch. So each row's
 prediction is the one its task's own classifier (:func:`afkern.train.load_classifier`) gives run
 alone. Output: per row the task, the predicted label, its probability (the softmax of the head's
 logits) and every label's probability. A fusion pruned with ``--prune-k`` is not what runs here
@@ -203,21 +203,23 @@ class Predictor:
                 ids[i] = enc.input_ids[j]
                 tts[i] = None if enc.token_type_ids is None else enc.token_type_ids[j]
         out: List[Optional[dict]] = [None] * len(texts)
-        for kind in ("fusion", "adapter"):  # a route is by fusion or by adapter: one kind a batch
-            rows = [i for i, t in enumerate(tasks) if self.files[t].kind == kind]
-            for s in range(0, len(rows), self.batch_size):
-                self._batch(rows[s:s + self.batch_size], ids, tts, tasks, kind, out)
+        for s in range(0, len(texts), self.batch_size):  # every task mixed in each batch
+            self._batch(list(range(s, min(s + self.batch_size, len(texts)))), ids, tts, tasks, out)
         return out  # type: ignore[return-value]
 
-    def _batch(self, rows, ids, tts, tasks, kind, out) -> None:
+    def _setup(self, task: str) -> str:
+        """The route entry of a row of ``task``: its fusion (named by the task) or its adapter."""
+        f = self.files[task]
+        return f"fusion:{task}" if f.kind == "fusion" else f"adapter:{next(iter(f.adapters))}"
+
+    def _batch(self, rows, ids, tts, tasks, out) -> None:
         coll = Encoded.__new__(Encoded)  # Encoded.batch pads a list of token id lists
         coll.input_ids = [ids[i] for i in rows]
         coll.token_type_ids = None if tts[rows[0]] is None else [tts[i] for i in rows]
         pad = self.tokenizer.pad_token_id
         coll.pad_id = 0 if pad is None else int(pad)
         b = coll.batch(range(len(rows)), self.device)
-        names = [tasks[i] if kind == "fusion" else next(iter(self.files[tasks[i]].adapters)) for i in rows]
-        with route(self.encoder, **{kind: names}):
+        with route(self.encoder, setup=[self._setup(tasks[i]) for i in rows]):
             hidden = self.encoder(**b).last_hidden_state
         for t in set(tasks[i] for i in rows):
             sel = [j for j, i in enumerate(rows) if tasks[i] == t]
