@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
