@@ -17,13 +17,7 @@ import torch  # noqa: E402
 
 from afkern.ops.params import FusionParams, LayerSpec  # noqa: E402
 
-# Per-dtype tolerances (atol, rtol) for fast path vs the float64 reference.
-TOL = {
-    torch.float64: (1e-10, 1e-9),
-    torch.float32: (2e-5, 2e-5),
-    torch.bfloat16: (3e-2, 3e-2),
-    torch.float16: (5e-3, 5e-3),
-}
+from parity import rel_err  # noqa: E402,F401  (the tolerance rules live in tests/parity.py)
 
 
 def make_params(N, r, d, dtype=torch.float64, seed=0, value=True, query=True, key=True, scale=0.3, device="cpu"):
@@ -78,10 +72,6 @@ def one_thread():
     torch.set_num_threads(int(os.environ.get("AFKERN_TEST_THREADS", "1")))
     yield
     torch.set_num_threads(prev)
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 @pytest.fixture
