@@ -341,3 +341,20 @@ def assert_rounding_bound(name: str, got, truth, terms: int, scale: Optional[flo
     err = (got.double() - truth).norm().item()
     bound = terms * torch.finfo(dtype).eps * scale
     assert err <= bound, f"{name} ({dtype}): error {err:.3g} against the float64 truth > {terms} roundings' bound {bound:.3g}"
+
+
+def f64_step(module, inputs, loss: Callable = lambda y: y.pow(2).mean(), pick: Callable = _tensor_of):
+    """The float64 truth of one training step: a float64 copy of ``module`` (afkern's reference
+    backend where it holds fused blocks) run on ``inputs`` cast to float64; returns ``(output,
+    {parameter name: gradient or None})`` of ``loss(output)``."""
+    import copy
+
+    import afkern
+
+    m = copy.deepcopy(module).double()
+    if any(isinstance(b, afkern.FusedAdapterBlock) for b in m.modules()):
+        afkern.set_backend(m, "reference")
+    m.zero_grad(set_to_none=True)
+    y = pick(_call(m, cast_floats(inputs, torch.float64)))
+    loss(y).backward()
+    return y.detach(), {k: (None if p.grad is None else p.grad.detach()) for k, p in m.named_parameters()}

@@ -20,6 +20,7 @@ import afkern
 from afkern.fusion import T_START, AdapterFusion
 
 from conftest import perturb_, token_batch
+from parity import f64_truth, judge
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -312,7 +313,8 @@ def test_from_adapterhub_single_adapter_and_refused_compositions():
     assert blocks and all(b.adapter_names == ["b"] and b.active_adapter == "b" and not b.fusions for b in blocks)
     batch = token_batch(2, 7, 4)
     with torch.no_grad():
-        torch.testing.assert_close(fused(**batch).last_hidden_state, hub(**batch).last_hidden_state, rtol=1e-5, atol=1e-5)
+        judge("from_adapterhub, one adapter", fused(**batch).last_hidden_state, hub(**batch).last_hidden_state,
+              f64_truth(hub, batch))
     for setup, what in ((Stack("a", "b"), "Stack"), (Parallel("a", "b"), "Parallel")):
         hub.set_active_adapters(setup)
         with pytest.raises(ValueError, match=rf"{what}\(\.\.\.\) .*not supported"):
