@@ -358,3 +358,10 @@ def f64_step(module, inputs, loss: Callable = lambda y: y.pow(2).mean(), pick: C
     y = pick(_call(m, cast_floats(inputs, torch.float64)))
     loss(y).backward()
     return y.detach(), {k: (None if p.grad is None else p.grad.detach()) for k, p in m.named_parameters()}
+
+
+def assert_2x_errors(name: str, err: float, base_err: float, dtype: torch.dtype):
+    """The 2x rule on relative errors measured elsewhere (a benchmark row's ``rel_err`` and
+    ``ref_rel_err``, both against its float64 oracle): ``err <= 2 * base_err + floor(dtype)``."""
+    bound = 2 * base_err + floor_for(dtype)
+    assert err <= bound, f"{name} ({dtype}): relative error {err:.3g} > 2 x the baseline's {base_err:.3g} + floor"
