@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import afkern
-from afkern.block import FusedAdapterBlock
+from afkern import FusedAdapterBlock
 from afkern.fusion import T_START, AdapterFusion
 
 from conftest import perturb_, token_batch
