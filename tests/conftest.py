@@ -67,7 +67,8 @@ def one_thread():
     and on a loaded machine a descheduled worker makes every tiny op cost milliseconds (a [2, 40]
     LayerNorm: 7 ms with 2 threads, 3 us with 1). Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
     AFKERN_TEST_THREADS=K runs these tests on K threads instead (``make test`` runs the parity
-    tests with 1 and 2: another thread count rounds differently, and the 2x rule must still hold)."""
+    tests on one thread and on the machine's count: another thread count rounds differently, and
+    the 2x rule must still hold). The previous count is restored after the test, failed or not."""
     prev = torch.get_num_threads()
     torch.set_num_threads(int(os.environ.get("AFKERN_TEST_THREADS", "1")))
     yield
