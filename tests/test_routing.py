@@ -19,7 +19,7 @@ from afkern.compiler import adapter_segments, block_params, routed_folds, routed
 from afkern.ops.layer import fusion_layer
 from afkern.ops.segments import SegmentPlan, route_plan, seg_mm_torch
 from conftest import perturb_, rel_err
-from parity import judge
+from parity import assert_f64, assert_same, judge
 
 torch.set_grad_enabled(True)
 
@@ -411,7 +411,7 @@ def test_bad_input_raises_and_changes_nothing():
     # after the errors, routing works and no route is left active
     with torch.no_grad():
         out = m(ids, attention_mask=mask).last_hidden_state
-        torch.testing.assert_close(out, _alone(m, ids, mask, [next(afkern.fused_blocks(m))[1].active_fusion] * 3))
+        assert_f64("after the errors", out, _alone(m, ids, mask, [next(afkern.fused_blocks(m))[1].active_fusion] * 3))
 
     from transformers import BertConfig, BertModel
 
@@ -434,10 +434,10 @@ def test_route_covers_only_its_model_and_nests():
         want = _alone(m2, ids, mask, ["tri", "sub"])
         afkern.set_active_fusion(m2, "sub")
         with afkern.route(m1, fusion=["tri", "sub"]):
-            torch.testing.assert_close(m2(ids, attention_mask=mask).last_hidden_state, plain2)
+            assert_same("a model outside the route", m2(ids, attention_mask=mask).last_hidden_state, plain2)
             with afkern.route(m2, fusion=["tri", "sub"]):
-                torch.testing.assert_close(m2(ids, attention_mask=mask).last_hidden_state, want)
-            torch.testing.assert_close(m2(ids, attention_mask=mask).last_hidden_state, plain2)
+                assert_f64("nested route", m2(ids, attention_mask=mask).last_hidden_state, want)
+            assert_same("after the nested route", m2(ids, attention_mask=mask).last_hidden_state, plain2)
 
 
 # ----------------------------------------------------------------------------------- backends
@@ -556,8 +556,8 @@ def test_segmented_gemm_kernel_matches_torch(T_codes, seq_len):
     with torch.no_grad():
         a = seg_mm_torch(x, [None] * S, plan, base=base[:, :K])
         c = seg_mm_triton(x, [None] * S, plan)
-    torch.testing.assert_close(a, x + base[:, :K])
-    torch.testing.assert_close(c, x)
+    assert_same("identity segments plus base", a, x + base[:, :K])
+    assert_same("identity segments", c, x)
 
 
 def test_route_plan_reused_across_sequence_lengths_and_batch_shapes():
