@@ -29,6 +29,9 @@ test: $(STAMP)
 	# the AdapterHub parity tests again on one thread (the run above uses the machine's count):
 	# their float32 bounds are judged against a float64 truth, so rounding on any thread count passes
 	OMP_NUM_THREADS=1 AFKERN_TEST_THREADS=1 $(VENV)/bin/pytest -q -p no:cacheprovider tests/test_adapterhub_parity.py
+	# and the layer and block parity tests (one thread in the run above: the one_thread fixture) on
+	# the machine's count
+	AFKERN_TEST_THREADS=$$(nproc) $(VENV)/bin/pytest -q -p no:cacheprovider tests/test_fusion.py tests/test_block.py
 	bash scripts/test_tf5.sh
 	bash scripts/test_cuda_build.sh
 	bash scripts/test_triton36.sh --interp

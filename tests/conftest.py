@@ -17,13 +17,7 @@ import torch  # noqa: E402
 
 from afkern.ops.params import FusionParams, LayerSpec  # noqa: E402
 
-# Per-dtype tolerances (atol, rtol) for fast path vs the float64 reference.
-TOL = {
-    torch.float64: (1e-10, 1e-9),
-    torch.float32: (2e-5, 2e-5),
-    torch.bfloat16: (3e-2, 3e-2),
-    torch.float16: (5e-3, 5e-3),
-}
+from parity import rel_err  # noqa: E402,F401  (the tolerance rules live in tests/parity.py)
 
 
 def make_params(N, r, d, dtype=torch.float64, seed=0, value=True, query=True, key=True, scale=0.3, device="cpu"):
@@ -73,15 +67,12 @@ def one_thread():
     and on a loaded machine a descheduled worker makes every tiny op cost milliseconds (a [2, 40]
     LayerNorm: 7 ms with 2 threads, 3 us with 1). Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
     AFKERN_TEST_THREADS=K runs these tests on K threads instead (``make test`` runs the parity
-    tests with 1 and 2: another thread count rounds differently, and the 2x rule must still hold)."""
+    tests on one thread and on the machine's count: another thread count rounds differently, and
+    the 2x rule must still hold). The previous count is restored after the test, failed or not."""
     prev = torch.get_num_threads()
     torch.set_num_threads(int(os.environ.get("AFKERN_TEST_THREADS", "1")))
     yield
     torch.set_num_threads(prev)
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 @pytest.fixture

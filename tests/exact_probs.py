@@ -21,7 +21,8 @@ from afkern.ops.reference import fusion_layer_reference
 
 from conftest import make_spec
 
-#: |p - p_float64| allowed (p in [0, 1]); bfloat16 rounding of the scores or probabilities gives >= 1e-3
+#: |p - p_float64| allowed (p in [0, 1]; 84 float32 ulps, measured errors are ~1e-7); bfloat16
+#: rounding of the scores or probabilities gives >= 1e-3, 100 x more
 P_ATOL = 1e-5
 
 

@@ -43,6 +43,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import transformers  # noqa: E402
 
+from parity import rel_err  # noqa: E402,F401  (F.rel_err in the family tests)
+
 TF_MAJOR = int(transformers.__version__.split(".")[0])
 
 VOCAB = 99          # ids drawn from [FIRST_ID, VOCAB): clear of pad/bos/eos ids 0..2
@@ -967,11 +969,6 @@ def saved_keys(model, names=ADAPTER_NAMES, tmpdir: str = None) -> Dict[str, List
 
 def _load_keys(folder, fname):
     return list(torch.load(os.path.join(folder, fname), map_location="cpu", weights_only=True).keys())
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -250,3 +250,120 @@ def judge_block(backend: str, blk, hs, it, dout, baseline: str = "reference", ad
     grads.update({k: (got[2].get(k), base[2].get(k), t) for k, t in truth[2].items()})
     assert_2x_all(f"{backend} gradients (inputs and parameters)", grads, dtype)
     judge(f"{backend} inference out", got[3], base[3], truth[3], dtype)
+
+
+# ------------------------------------------------------------------------------ models and round trips
+
+
+def cast_floats(x, dtype: torch.dtype):
+    """``x`` (a tensor, or a tuple / list / dict of them) with every floating tensor cast to
+    ``dtype``; token ids, masks and other values unchanged."""
+    if isinstance(x, torch.Tensor):
+        return x.to(dtype) if x.is_floating_point() else x
+    if isinstance(x, dict):
+        return {k: cast_floats(v, dtype) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(cast_floats(v, dtype) for v in x)
+    return x
+
+
+def _call(module, inputs):
+    return module(**inputs) if isinstance(inputs, dict) else module(*inputs)
+
+
+def _tensor_of(y):
+    """A model's output as one tensor: a tensor itself, or ``last_hidden_state`` / ``logits``."""
+    if isinstance(y, torch.Tensor):
+        return y
+    for k in ("last_hidden_state", "logits"):
+        v = getattr(y, k, None)
+        if v is not None:
+            return v
+    return y[0]
+
+
+def _reference_copy(module, dtype: torch.dtype):
+    import copy
+
+    import afkern
+
+    m = copy.deepcopy(module).to(dtype)
+    if any(isinstance(b, afkern.FusedAdapterBlock) for b in m.modules()):
+        afkern.set_backend(m, "reference")
+    return m
+
+
+def f64_truth(module, inputs, pick: Callable = _tensor_of, dtype: torch.dtype = torch.float64):
+    """The float64 truth of ``module(inputs)``: a deep copy of ``module`` cast to float64 (on
+    afkern's reference backend where it holds fused blocks), called under no_grad on ``inputs``
+    cast to float64. ``module`` itself is not touched. ``dtype=torch.float32``: the same in float32,
+    the 2x rule's baseline where the path judged (a compiled graph, an export) shares afkern's fast
+    path with ``module`` itself."""
+    m = _reference_copy(module, dtype)
+    with torch.no_grad():
+        return pick(_call(m, cast_floats(inputs, dtype))).detach()
+
+
+def judge_backends(name: str, module, inputs, backend: str = "torch", baseline: str = "reference",
+                   pick: Callable = _tensor_of, truth: Optional[torch.Tensor] = None):
+    """``module`` (holding fused blocks) on ``backend`` against the float64 truth (``f64_truth``
+    unless given), by the rule of its dtype (``judge``), with ``baseline`` in the same dtype as the
+    2x rule's baseline. Runs under no_grad; leaves ``module`` on ``backend``; returns its output."""
+    import afkern
+
+    truth = f64_truth(module, inputs, pick=pick) if truth is None else truth
+    with torch.no_grad():
+        base = pick(_call(afkern.set_backend(module, baseline), inputs))
+        got = pick(_call(afkern.set_backend(module, backend), inputs))
+    judge(name, got, base, truth)
+    return got
+
+
+def assert_same(name: str, got, expected):
+    """Bit-exact equality (same weights through the same code give the same bits): a save and
+    reload, a copy, a round trip. Tensors, or dicts of them (the same keys)."""
+    if isinstance(expected, dict):
+        assert set(got) == set(expected), f"{name}: keys {sorted(set(got) ^ set(expected))} differ"
+        for k in expected:
+            assert_same(f"{name}: {k}", got[k], expected[k])
+        return
+    got, expected = _tensor_of(got), _tensor_of(expected)
+    assert got.shape == expected.shape and got.dtype == expected.dtype, (
+        f"{name}: {tuple(got.shape)} {got.dtype}, expected {tuple(expected.shape)} {expected.dtype}")
+    if not torch.equal(got, expected):
+        diff = (got.double() - expected.double()).abs().max().item()
+        raise AssertionError(f"{name}: not bit-exact (max difference {diff:.3g}, relative {rel_err(got, expected):.3g})")
+
+
+def assert_rounding_bound(name: str, got, truth, terms: int, scale: Optional[float] = None,
+                          dtype: Optional[torch.dtype] = None):
+    """Where no same-dtype baseline exists: ``||got - truth|| <= terms * eps(dtype) * scale``, the
+    worst-case bound of a computation of ``terms`` roundings on values of size ``scale`` (Higham's
+    gamma_n: a sum or dot product of n terms in floating point is off by at most about
+    n * eps * sum|x_i|). ``scale`` defaults to ``||truth||`` (a sum of terms of one sign)."""
+    truth = truth.detach().double() if isinstance(truth, torch.Tensor) else torch.tensor(float(truth), dtype=torch.float64)
+    got = got.detach() if isinstance(got, torch.Tensor) else torch.tensor(float(got))
+    dtype = dtype or got.dtype
+    scale = truth.norm().item() if scale is None else scale
+    err = (got.double() - truth).norm().item()
+    bound = terms * torch.finfo(dtype).eps * scale
+    assert err <= bound, f"{name} ({dtype}): error {err:.3g} against the float64 truth > {terms} roundings' bound {bound:.3g}"
+
+
+def f64_step(module, inputs, loss: Callable = lambda y: y.pow(2).mean(), pick: Callable = _tensor_of,
+             dtype: torch.dtype = torch.float64):
+    """The float64 truth of one training step: a float64 copy of ``module`` (afkern's reference
+    backend where it holds fused blocks) run on ``inputs`` cast to float64; returns ``(output,
+    {parameter name: gradient or None})`` of ``loss(output)``. ``dtype``: as in ``f64_truth``."""
+    m = _reference_copy(module, dtype)
+    m.zero_grad(set_to_none=True)
+    y = pick(_call(m, cast_floats(inputs, dtype)))
+    loss(y).backward()
+    return y.detach(), {k: (None if p.grad is None else p.grad.detach()) for k, p in m.named_parameters()}
+
+
+def assert_2x_errors(name: str, err: float, base_err: float, dtype: torch.dtype):
+    """The 2x rule on relative errors measured elsewhere (a benchmark row's ``rel_err`` and
+    ``ref_rel_err``, both against its float64 oracle): ``err <= 2 * base_err + floor(dtype)``."""
+    bound = 2 * base_err + floor_for(dtype)
+    assert err <= bound, f"{name} ({dtype}): relative error {err:.3g} > 2 x the baseline's {base_err:.3g} + floor"

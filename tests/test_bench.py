@@ -15,6 +15,7 @@ import torch
 
 pytest.importorskip("matplotlib")
 from afkern import bench  # noqa: E402
+from parity import assert_2x_errors, floor_for  # noqa: E402
 
 TINY = [
     "--device", "cpu", "--hidden-size", "32", "--intermediate-size", "48", "--heads", "2",
@@ -64,7 +65,8 @@ def test_cli_writes_csv_png_markdown(tiny_run):
     # every fused provider was checked against the reference and is close to it
     for r in rows:
         if r["provider"] in ("adapters", "torch"):
-            assert float(r["rel_err"]) < 1e-4
+            assert_2x_errors(f"{r['provider']} {r['kind']} {r['mode']}", float(r["rel_err"]), float(r["ref_rel_err"]),
+                             torch.float32)
     # ratios are computed in the run: adapters vs itself is 1, plain vs itself is 1
     for r in timed:
         if r["provider"] == "adapters":
@@ -258,7 +260,8 @@ def test_guard_judges_against_float64_not_against_the_float32_reference(tmp_path
     assert rows
     for r in rows:
         assert r["status"] == "ok" and r["median_ms"], r
-        assert float(r["rel_err"]) < 1e-5 <= float(r["ref_rel_err"]), r
+        # torch: float32 rounding against float64; the coarse reference 1e-3 off, far above it
+        assert float(r["rel_err"]) <= floor_for(torch.float32) < 1e-5 <= float(r["ref_rel_err"]), r
 
 
 def test_guard_rule_two_times_the_reference_error_or_a_floor():

@@ -32,6 +32,7 @@ from afkern.ops.layer import fusion_layer
 from afkern.ops.reference import fusion_layer_reference
 
 from conftest import make_params, make_spec
+from parity import CONFIGS, rel_err
 from exact_probs import check_layer_probs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -73,8 +74,7 @@ def _acc_bound(r):
     return P_BOUND * max(1.0, (r / 64) ** 0.5)
 
 
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+rel = rel_err
 
 
 def assert_2x_ref(name, ours, ref_low, ref, dtype):
@@ -389,13 +389,9 @@ def _leaf_params(P, cast):
     return type(P)(**{k: None if v is None else cast(v).requires_grad_(True) for k, v in P.__dict__.items()})
 
 
-LAYER_CONFIGS = {
-    "dynamic": dict(activation="gelu"),
-    "residual_before": dict(residual_before=True),
-    "query_before_ln": dict(query_before_ln=True),
-    "static": dict(value=False),
-    "residual_post_add": dict(residual_before_ln="post_add"),
-}
+# the flag combinations of the parity tests (tests/parity.py CONFIGS); "dynamic" here with gelu
+LAYER_CONFIGS = {"dynamic": dict(activation="gelu"),
+                 **{k: CONFIGS[k] for k in ("residual_before", "query_before_ln", "static", "residual_post_add")}}
 
 
 def _check_layer(T, N, r, d, dtype, device, cfg, dropout=False, folded=False, it=0.8):

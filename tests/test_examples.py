@@ -71,4 +71,5 @@ def test_serve_fusions_classifies_mixed_requests_like_each_task_alone(tmp_path):
         with torch.no_grad():
             p = clf(**dict(tok([x], return_tensors="pt"))).softmax(-1)[0]
         assert g["task"] == t and g["label"] == TASKS[t][int(p.argmax())]
-        assert abs(g["prob"] - float(p.max())) < 1e-3
+        # printed to 4 decimals (examples/serve_fusions.py: half a unit of 1e-4), plus float32 rounding
+        assert abs(g["prob"] - float(p.max())) <= 0.5e-4 + 64 * torch.finfo(torch.float32).eps

@@ -20,6 +20,7 @@ import afkern
 from afkern.fusion import T_START, AdapterFusion
 
 from conftest import perturb_, token_batch
+from parity import assert_same, f64_truth, judge
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -249,18 +250,18 @@ def test_add_adapters_keeps_outputs_and_places_new_ones_alike():
         f.temperature = t
     old = {n: (b.bottleneck, b.adapter_names, b.down_weight.detach().clone()) for n, b in afkern.fused_blocks(model)}
     afkern.add_adapters(model, ["new1", "new2"], afkern.AdapterConfig.houlsby(reduction_factor=5, init_weights_seed=7))
-    torch.testing.assert_close(_outputs(model, batch), before)
+    assert_same("outputs", _outputs(model, batch), before)
     for n, b in afkern.fused_blocks(model):
         r, names, down = old[n]
         assert b.bottleneck == r and b.adapter_names == names + ["new1", "new2"]
-        torch.testing.assert_close(b.down_weight[:len(names)], down)
+        assert_same("kept down weights", b.down_weight[:len(names)], down)
         # AdapterHub's init with a fixed seed: every new adapter starts from the same weights,
         # those of a freshly patched adapter with that seed; zero biases
         fresh = afkern.FusedAdapterBlock(40, ["x"], adapter_config=afkern.AdapterConfig.houlsby(
             reduction_factor=5, init_weights_seed=7), in_features=b.in_features)
         for k in (-2, -1):
-            torch.testing.assert_close(b.down_weight[k], fresh.down_weight[0])
-            torch.testing.assert_close(b.up_weight[k], fresh.up_weight[0])
+            assert_same("a new adapter's down weight", b.down_weight[k], fresh.down_weight[0])
+            assert_same("a new adapter's up weight", b.up_weight[k], fresh.up_weight[0])
             assert not b.down_bias[k].any() and not b.up_bias[k].any()
     # a fusion over old and new adapters can then be added and trained
     afkern.add_fusion(model, "grown", ["sst", "new1", "new2"])
@@ -312,7 +313,8 @@ def test_from_adapterhub_single_adapter_and_refused_compositions():
     assert blocks and all(b.adapter_names == ["b"] and b.active_adapter == "b" and not b.fusions for b in blocks)
     batch = token_batch(2, 7, 4)
     with torch.no_grad():
-        torch.testing.assert_close(fused(**batch).last_hidden_state, hub(**batch).last_hidden_state, rtol=1e-5, atol=1e-5)
+        judge("from_adapterhub, one adapter", fused(**batch).last_hidden_state, hub(**batch).last_hidden_state,
+              f64_truth(hub, batch))
     for setup, what in ((Stack("a", "b"), "Stack"), (Parallel("a", "b"), "Parallel")):
         hub.set_active_adapters(setup)
         with pytest.raises(ValueError, match=rf"{what}\(\.\.\.\) .*not supported"):

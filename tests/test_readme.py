@@ -5,6 +5,8 @@ import re
 
 import pytest
 
+from parity import assert_rounding_bound
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -38,7 +40,9 @@ def test_readme_usage_example_does_what_it_says(tmp_path, monkeypatch):
     assert hidden.shape == (2, 16, 384)
     assert sorted(weights) == [f"encoder.layer.{i}.output" for i in range(2)]
     for w in weights.values():
-        assert w.shape == (3,) and abs(w.sum().item() - 1) < 1e-5
+        assert w.shape == (3,)
+        # 3 float32 means over the tokens (pairwise sums: at most ~32 roundings each) of rows summing to 1
+        assert_rounding_bound("mean fusion weights", w.sum(), 1.0, terms=32 * 3, dtype=torch.float32)
     # the fusion-training step reached query, key and value of every block, and only them
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert grads and all(any(k in n for k in (".query.", ".key.", ".value.")) for n in grads)

@@ -15,6 +15,8 @@ import afkern
 from afkern import train as T
 from afkern.train import DataError, demo_vocabulary, load_task, make_demo_tasks, read_records, write_jsonl
 
+from parity import assert_rounding_bound, f64_truth, judge
+
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 HIDDEN = 24  # not a power of two
@@ -132,7 +134,9 @@ def test_stage2_fusion_reloads_in_afkern_and_adapters(env):
     assert saved["task"]["best_dev_accuracy"] == m["task"]["best_dev_accuracy"]
     assert os.path.getsize(os.path.join(out, "fusion_weights-routing.png")) > 1000
     for layer, w in saved["mean_fusion_weights"].items():
-        assert abs(sum(w.values()) - 1.0) < 1e-4, (layer, w)
+        # N float32 means over the tokens (pairwise sums: at most ~32 roundings each) of rows summing to 1
+        assert_rounding_bound(f"mean fusion weights of {layer}", sum(w.values()), 1.0, terms=32 * len(w),
+                              dtype=torch.float32)
     pr = saved["pruning"]
     assert pr["k"] == 1 and all(len(v) == 1 for v in pr["kept"].values()) and 0 <= pr["dev_accuracy_pruned"] <= 1
     pruned_blocks = [b for _, b in afkern.fused_blocks(res["pruned_model"].encoder)]
@@ -163,7 +167,7 @@ def test_stage2_fusion_reloads_in_afkern_and_adapters(env):
     hub.set_active_adapters(Fuse(*names))
     hub.eval()
     with torch.no_grad():
-        torch.testing.assert_close(hub(**batch).last_hidden_state, ref, rtol=1e-5, atol=1e-6)
+        judge("afkern's trained model against AdapterHub", ref, hub(**batch).last_hidden_state, f64_truth(hub, batch))
 
 
 # ----------------------------------------------------------------------------- resume

@@ -87,6 +87,8 @@ def test_parallel_adapters_equal_sequential_and_write_the_same_files(env):
         for sub, f in (("adapters", "adapter.safetensors"), ("heads", "classifier.safetensors")):
             _close(_tensors(os.path.join(env["root"] / "seq", sub, name, f)),
                    _tensors(os.path.join(env["root"] / "par", sub, name, f)), rtol=2e-4, atol=2e-5)
+    # (not bit-exact: one batch of both tasks rounds the GEMMs differently from each alone, and the
+    # training steps carry that rounding on; no float64 run of afkern-train to judge it against)
     # both adapters started from the same seed: training moved them apart
     n0, n1 = list(env["tasks"])[:2]
     w0 = _tensors(os.path.join(env["root"] / "par", "adapters", n0, "adapter.safetensors"))
@@ -103,7 +105,7 @@ def test_parallel_adapters_equal_sequential_and_write_the_same_files(env):
     mask = torch.ones(2, 7, dtype=torch.long)
     with torch.no_grad():
         afkern.set_active_adapter(view.encoder, view.name)
-        torch.testing.assert_close(view(ids, mask), T.AdapterClassifier(view.encoder, view.head)(ids, mask))
+        torch.testing.assert_close(view(ids, mask), T.AdapterClassifier(view.encoder, view.head)(ids, mask), rtol=0, atol=0)
 
 
 def test_several_fusion_targets_in_one_run_equal_one_at_a_time(env):
@@ -127,8 +129,9 @@ def test_several_fusion_targets_in_one_run_equal_one_at_a_time(env):
         fa = os.path.join(env["root"] / f"f-{t}", f"fusion-{t}")
         fb = os.path.join(env["root"] / "f-joint", f"fusion-{t}")
         assert sorted(os.listdir(fa)) == sorted(os.listdir(fb))
+        # one target after another in one process: the same computation, bit for bit
         _close(_tensors(os.path.join(fa, ",".join(joint["names"]), "model_adapter_fusion.safetensors")),
-               _tensors(os.path.join(fb, ",".join(joint["names"]), "model_adapter_fusion.safetensors")), rtol=2e-4, atol=2e-5)
+               _tensors(os.path.join(fb, ",".join(joint["names"]), "model_adapter_fusion.safetensors")), rtol=0, atol=0)
         mj = json.load(open(env["root"] / "f-joint" / "metrics_fusion.json"))
         assert t in mj["targets"] and "pruning" in mj["targets"][t]
     # a saved target reloads through the usual path and equals its joint-run classifier
