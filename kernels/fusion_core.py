@@ -99,6 +99,21 @@ def block_r(r: int) -> int:
 
 
 @triton.jit
+def _tile_segments(SEG, rows, rmask, pid_t, T, HAS_SEG: tl.constexpr, BLOCK_T: tl.constexpr):
+    """(segment of each row of the tile, first segment, one past the last) of a token tile whose
+    rows are sorted by segment; without segments one segment 0 over every row."""
+    if HAS_SEG:
+        rseg = tl.load(SEG + rows, mask=rmask, other=-1)
+        g_lo = tl.load(SEG + pid_t * BLOCK_T)
+        g_hi = tl.load(SEG + tl.minimum(pid_t * BLOCK_T + BLOCK_T, T) - 1) + 1
+    else:
+        rseg = tl.zeros([BLOCK_T], dtype=tl.int32)
+        g_lo = 0
+        g_hi = 1
+    return rseg, g_lo, g_hi
+
+
+@triton.jit
 def _fusion_scores_kernel_impl(
     X,  # [T, D] adapter input x
     Q,  # [T, D] query-side input q
@@ -139,23 +154,16 @@ def _fusion_scores_kernel_impl(
     Segments (HAS_SEG, a routed batch of folded fusions): the rows are sorted by segment, and
     segment g reads its own maps at element offsets WOFF[g] / BOFF[g] (views of one stack of
     folds, so no copy); Wd is the block's, shared.
-    A program loops over the segments its tile overlaps (one, except at a boundary), computes the
-    tile with each one's maps and keeps each row's own: a tile on a boundary costs one pass per
-    segment in it, the rest cost what the unsegmented kernel does."""
+    A program loops over the segments its tile overlaps (one, except at a boundary); each pass
+    computes the tile with one segment's maps and stores that segment's rows only: a tile on a
+    boundary costs one pass per segment in it, the rest cost what the unsegmented kernel does."""
     pid_t = tl.program_id(0)
     n = tl.program_id(1)
     rows = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T))
     rmask = rows < T
     kk = tl.arange(0, BLOCK_K)
     jj = tl.arange(0, BLOCK_R)
-    if HAS_SEG:
-        rseg = tl.load(SEG + rows, mask=rmask, other=-1)
-        g_lo = tl.load(SEG + pid_t * BLOCK_T)
-        g_hi = tl.load(SEG + tl.minimum(pid_t * BLOCK_T + BLOCK_T, T) - 1) + 1
-    else:
-        rseg = tl.zeros([BLOCK_T], dtype=tl.int32)
-        g_lo = 0
-        g_hi = 1
+    rseg, g_lo, g_hi = _tile_segments(SEG, rows, rmask, pid_t, T, HAS_SEG, BLOCK_T)
     for g in range(g_lo, g_hi):
         if HAS_SEG:
             wo = tl.load(WOFF + g)
@@ -329,14 +337,7 @@ def _fusion_mix_kernel_impl(
     rmask = rows < T
     dcols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = dcols < D
-    if HAS_SEG:
-        rseg = tl.load(SEG + rows, mask=rmask, other=-1)
-        g_lo = tl.load(SEG + pid_t * BLOCK_T)
-        g_hi = tl.load(SEG + tl.minimum(pid_t * BLOCK_T + BLOCK_T, T) - 1) + 1
-    else:
-        rseg = tl.zeros([BLOCK_T], dtype=tl.int32)
-        g_lo = 0
-        g_hi = 1
+    rseg, g_lo, g_hi = _tile_segments(SEG, rows, rmask, pid_t, T, HAS_SEG, BLOCK_T)
     for g in range(g_lo, g_hi):
         if HAS_SEG:
             wo = tl.load(WOFF + g)
