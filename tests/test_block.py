@@ -108,6 +108,7 @@ def test_score_dropout_rate_and_only_in_training():
     y_eval = b(hs, it)
     assert torch.equal(b(hs, it), y_eval) and rel_err(y1, y_eval) > 1e-3
     b.score_dropout = 0.0
+    assert torch.equal(b(hs, it), y_eval), "eval must not drop scores (the same function at rate 0)"
     b.train()
     # rate 0: training computes the eval function (baseline: the reference backend in training)
     judge("training at rate 0", b(hs, it), copy.deepcopy(b).set_backend("reference")(hs, it), f64_truth(b, (hs, it)))
