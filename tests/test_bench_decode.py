@@ -54,6 +54,8 @@ def test_decode_case_runs_tiny_and_writes_rows(tmp_path):
     for r in rows:
         if r["provider"] == "plain":
             assert float(r["ratio_to_plain"]) == 1.0 == float(r["decode_ratio_to_plain"]) and r["rel_err"] == ""
+        elif r["provider"] == "gemm_floor":  # not a model: the cost floor, timed and never checked
+            assert r["rel_err"] == ""
         else:  # checked against the float64 oracle before timing
             assert 0 <= float(r["rel_err"]) <= max(2 * float(r["ref_rel_err"]), 1e-5)
     doc = json.loads((folder / "decode.json").read_text())
@@ -111,3 +113,23 @@ def test_bad_decode_options_are_refused(tmp_path):
                        (["--multifusion"], "choose one")):
         with pytest.raises(SystemExit, match=msg):
             bench.main(TINY + extra + ["--output-dir", str(tmp_path)])
+
+
+def test_gemm_floor_runs_only_the_two_gemms():
+    """The floor provider's blocks compute x + relu((x w_in + b_in)[:, :N r]) Wu, x = h + r, from
+    the block's own folded weights (so it streams the same bytes as afkern's folded layer)."""
+    fm, _, _, _ = _models(torch.float64)
+    floor = decode.gemm_floor(fm)
+    import afkern
+
+    (_, b), (_, b0) = next(afkern.fused_blocks(floor)), next(afkern.fused_blocks(fm))
+    g = torch.Generator().manual_seed(3)
+    h, r = (torch.randn(2, 3, b.hidden_size, generator=g, dtype=torch.float64) for _ in range(2))
+    with torch.no_grad():
+        fw = b0.folded_weights()
+        nr = b0.n_adapters * b0.bottleneck
+        x = (h + r).reshape(-1, b.hidden_size)
+        want = x + torch.relu(x @ fw.w_in[:, :nr] + fw.b_in[:nr]) @ fw.w_out[:nr]
+        got = b.adapter_forward(h, r)
+    assert torch.allclose(got.reshape(want.shape), want, rtol=0, atol=1e-12)
+    assert not torch.allclose(got, b0.adapter_forward(h, r)), "the floor must not be AdapterFusion"

@@ -14,7 +14,11 @@ the KV cache, no early stop (no EOS token). Providers, all on the same base weig
   a softmax far from uniform, so a wrong score path shows);
 * ``adapters`` -- AdapterHub's ``adapters``: ``adapters.init`` on another copy, the adapters and the
   fusion loaded from the directories ``afkern.save_adapterhub`` wrote (the same weights), ``Fuse``
-  active.
+  active;
+* ``gemm_floor`` -- NOT a model (its outputs are wrong, so it is not checked): a copy of afkern's
+  model whose every block runs nothing but the two GEMMs of its folded inference weights
+  (:func:`gemm_floor`), through the same hooks: what a decoding step of the folded layer cannot
+  avoid paying on this device, the floor under ``afkern``'s ratio.
 
 Correctness, before timing. The oracle is afkern's ``reference`` path in float64 on the same
 weights, run teacher-forced (one uncached forward) over each provider's generated sequence; a
@@ -60,7 +64,7 @@ from .timing import Case, run_group
 __all__ = ["add_arguments", "run", "build_models", "make_prompt", "generate", "prefill", "cached_logits", "check", "decode_rows",
            "PROVIDERS", "TARGETS", "COLUMNS"]
 
-PROVIDERS = ("plain", "afkern", "adapters")
+PROVIDERS = ("plain", "afkern", "adapters", "gemm_floor")
 PREFILL = "/prefill"  # the case timing a provider's prefill alone, in the same group
 TARGETS = {1: 1.15, 8: 1.10}  # afkern / plain per token after issue 18's restructure, by batch size
 COLUMNS = ["batch", "provider", "status", "rel_err", "ref_rel_err", "ms_per_token", "p20_ms_per_token",
@@ -164,6 +168,29 @@ def calibrate(fm: nn.Module, ids: torch.Tensor, rounds: int = 6) -> nn.Module:
     finally:
         afkern.record_fusion_weights(fm, False)
     return fm
+
+
+def gemm_floor(fm: nn.Module) -> nn.Module:
+    """A copy of ``fm`` (eval, folded weights) whose every block computes only
+    ``x = h + r; Z = (x w_in + b_in)[:, :N r]; out = x + relu(Z) Wu`` -- the two GEMMs of the folded
+    layer (``afkern.ops.fold``: 2 N r + N and d output columns) without the row op, the epilogue or
+    any setup code. Not AdapterFusion: the cost floor of a decoding step (module doc)."""
+    import afkern
+
+    floor = copy.deepcopy(fm)
+    for _, b in afkern.fused_blocks(floor):
+        with torch.no_grad():
+            fw = b.folded_weights()
+        nr = b.n_adapters * b.bottleneck
+        w_in, b_in, w_up = fw.w_in, fw.b_in, fw.w_out[:nr]
+
+        def bare(h, r, w_in=w_in, b_in=b_in, w_up=w_up, nr=nr):
+            x = (h + r).reshape(-1, h.shape[-1])
+            z = torch.addmm(b_in, x, w_in)[:, :nr].relu_()
+            return torch.addmm(x, z, w_up).reshape(h.shape)
+
+        b.adapter_forward = bare  # an instance attribute: the site calls it in place of the layer
+    return floor
 
 
 def make_prompt(batch: int, prompt_len: int, vocab: int, seed: int, device) -> torch.Tensor:
@@ -326,7 +353,7 @@ def run(args, cfg: dict, out_dir: str, argv: List[str]) -> int:
                 hidden=cfg["shape"].hidden, vocab=args.vocab_size, backend=args.decode_backend,
                 **{k: meta[k] for k in ("dtype", "device", "threads", "clock")},
                 **{k: versions.get(k, "") for k in ("torch", "transformers", "adapters", "afkern")})
-    models = {"plain": pm, "afkern": fm, "adapters": am}
+    models = {"plain": pm, "afkern": fm, "adapters": am, "gemm_floor": gemm_floor(fm)}
     rows: List[dict] = []
     csv_path, json_path = os.path.join(out_dir, "decode.csv"), os.path.join(out_dir, "decode.json")
     t0 = time.perf_counter()
