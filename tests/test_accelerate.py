@@ -25,12 +25,11 @@ from afkern.backends import torch_ops  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 import families as F  # noqa: E402
+import parity  # noqa: E402
 
 CASES = [(name, v) for name, spec in F.FAMILIES.items() for v in F.variants(spec)]
 IDS = [f"{n}-{v}" for n, v in CASES]
 NAMES = list(F.ADAPTER_NAMES)
-FLOOR = {torch.float32: 1e-7, torch.bfloat16: 1e-3}  # ~ the dtype's unit roundoff: where both errors vanish
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -39,10 +38,9 @@ def rel(a, b):
 
 
 def assert_2x(got, truth, own, dtype, what=""):
-    """Flash-attention's judge: ``got``'s error against the float64 ``truth`` is at most twice
-    ``own``'s (AdapterHub's in the same dtype), plus a floor of the dtype's unit roundoff."""
-    e, e_own = rel(got, truth), rel(own, truth)
-    assert e <= 2 * e_own + FLOOR[dtype], f"{what}: error {e:.3e} > 2 x AdapterHub's {e_own:.3e} + floor"
+    """The suite's one rule (tests/parity.py): ``got``'s error against the float64 ``truth`` at
+    most twice ``own``'s (AdapterHub's in the same dtype) plus parity's floor for ``dtype``."""
+    parity.assert_2x(what, got, own, truth, dtype)
 
 
 @lru_cache(maxsize=None)
