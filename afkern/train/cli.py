@@ -238,8 +238,10 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    finished = False
     try:
         res = run(argv)
+        finished = True
     except (DataError, TrainError, FileNotFoundError) as exc:
         print(f"afkern-train: error: {exc}", file=sys.stderr)
         return 2
@@ -252,6 +254,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             import torch.distributed as dist
 
             if dist.is_available() and dist.is_initialized():
+                if finished:  # tear down together: a rank that leaves while its peer still writes
+                    dist.barrier()  # the outputs can abort in gloo's teardown (seen on a 2-core CPU)
                 dist.destroy_process_group()
     if res.get("interrupted"):
         reason = res.get("reason", "")
