@@ -292,26 +292,6 @@ def seg_mm_torch(x: torch.Tensor, weights: Sequence[Optional[torch.Tensor]], pla
     return out
 
 
-def strided_stack(weights: Sequence[Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
-    """The weights as one [S, K, N] tensor WITHOUT a copy when they are equally spaced views of one
-    storage (the stacked folds of ``afkern.compiler.routed_folds`` for fusions consecutive in
-    the block), else None."""
-    if any(w is None for w in weights):
-        return None
-    w0 = weights[0]
-    if len(weights) == 1:
-        return w0.unsqueeze(0)
-    base = w0.untyped_storage().data_ptr()
-    for w in weights[1:]:
-        if (w.untyped_storage().data_ptr() != base or w.shape != w0.shape or w.stride() != w0.stride()
-                or w.dtype != w0.dtype):
-            return None
-    step = weights[1].storage_offset() - w0.storage_offset()
-    if step <= 0 or any(w.storage_offset() - w0.storage_offset() != i * step for i, w in enumerate(weights)):
-        return None
-    return w0.as_strided((len(weights), *w0.shape), (step, *w0.stride()), w0.storage_offset())
-
-
 def view_offsets(weights: Sequence[Optional[torch.Tensor]]) -> Optional[Tuple[int, ...]]:
     """Each weight's element offset from the first one's when all are views of one storage with
     one shape, stride and dtype (the folds of ``afkern.compiler.routed_folds``, in any order),
@@ -325,6 +305,22 @@ def view_offsets(weights: Sequence[Optional[torch.Tensor]]) -> Optional[Tuple[in
                 or w.dtype != w0.dtype):
             return None
     return tuple(w.storage_offset() - w0.storage_offset() for w in weights)
+
+
+def strided_stack(weights: Sequence[Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
+    """The weights as one [S, K, N] tensor WITHOUT a copy when they are equally spaced views of one
+    storage (:func:`view_offsets`, a positive constant step: the stacked folds of
+    ``afkern.compiler.routed_folds`` for fusions consecutive in the block), else None."""
+    offs = view_offsets(weights)
+    if offs is None:
+        return None
+    w0 = weights[0]
+    if len(weights) == 1:
+        return w0.unsqueeze(0)
+    step = offs[1]
+    if step <= 0 or any(o != i * step for i, o in enumerate(offs)):
+        return None
+    return w0.as_strided((len(weights), *w0.shape), (step, *w0.stride()), w0.storage_offset())
 
 
 def _one_segment(x, w, b, base):
