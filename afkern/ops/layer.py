@@ -174,6 +174,14 @@ def _routed_core_weights(P: FusionParams, segs, plan: SegmentPlan, NR: int) -> O
                        seg=(rows.row_segments(), *(rows.offset_table(o) for o in offs)))
 
 
+def _routed_res_term(mm, residual: torch.Tensor, segs, dtype: torch.dtype) -> torch.Tensor:
+    """The residual term of a routed batch of folded fusions: each segment's ``w_res`` map
+    (``residual_before``) applied to its rows in ``dtype``, or the residual itself when none has one."""
+    if any(f.folded.w_res is not None for f in segs):
+        return mm(residual.to(dtype), [f.folded.w_res for f in segs])
+    return residual
+
+
 def _t(w: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if w is None else w.t()
 
@@ -280,28 +288,22 @@ def fusion_layer(
         q = x if f.w_q is None else qin
         hidden, probs = core(x, q.contiguous(), _folded_weights(f, NR), None, pre if reuse_pre else res_term,
                              M, prior, N, r, spec.activation, inv_t)
-    elif fold and prims.routed_core and (W := _routed_core_weights(P, segs, plan, NR)) is not None:
-        # each segment its fusion's folded maps, read in place by the backend's fused core
-        if any(f.folded.w_res is not None for f in segs):  # residual_before: its map, per segment
-            res_term = mm(residual.to(x.dtype), [f.folded.w_res for f in segs])
-        else:
-            res_term = residual
-        hidden, probs = core(x, qin.contiguous(), W, None, pre if reuse_pre else res_term, M, prior, N, r,
-                             spec.activation, inv_t)
-    elif fold:  # each segment its fusion's folded maps: segmented GEMMs around the row op
-        Z = torch.addmm(P.down_bias.reshape(NR), x, P.down_weight.reshape(NR, d).t())
-        AS = mm(qin, [f.folded.w_q for f in segs], [f.folded.b_q for f in segs])
-        Y, probs = prims.rowop(Z, AS[:, :NR], AS[:, NR:], N, spec.activation, inv_t, M, prior)
-        if any(f.folded.w_res is not None for f in segs):
-            res_term = mm(residual.to(Y.dtype), [f.folded.w_res for f in segs])
-        else:
-            res_term = residual
-        base = pre if reuse_pre else res_term
-        wide = base if base.dtype != Y.dtype else None  # added after, in its own dtype (see gemm_core)
-        hidden = mm(probs.to(Y.dtype), [f.folded.w_out[NR:] for f in segs], base=None if wide is not None else base)
-        hidden = mm(Y, [f.folded.w_out[:NR] for f in segs], base=hidden, accumulate=True)
-        if wide is not None:
-            hidden = wide + hidden
+    elif fold:  # each segment its fusion's folded maps
+        W = _routed_core_weights(P, segs, plan, NR) if prims.routed_core else None
+        if W is not None:  # read in place by the backend's fused core
+            base = pre if reuse_pre else _routed_res_term(mm, residual, segs, x.dtype)
+            hidden, probs = core(x, qin.contiguous(), W, None, base, M, prior, N, r, spec.activation, inv_t)
+        else:  # segmented GEMMs around the row op
+            Z = torch.addmm(P.down_bias.reshape(NR), x, P.down_weight.reshape(NR, d).t())
+            AS = mm(qin, [f.folded.w_q for f in segs], [f.folded.b_q for f in segs])
+            Y, probs = prims.rowop(Z, AS[:, :NR], AS[:, NR:], N, spec.activation, inv_t, M, prior)
+            base = pre if reuse_pre else _routed_res_term(mm, residual, segs, Y.dtype)
+            wide = base if base.dtype != Y.dtype else None  # added after, in its own dtype (see gemm_core)
+            hidden = mm(probs.to(Y.dtype), [f.folded.w_out[NR:] for f in segs],
+                        base=None if wide is not None else base)
+            hidden = mm(Y, [f.folded.w_out[:NR] for f in segs], base=hidden, accumulate=True)
+            if wide is not None:
+                hidden = wide + hidden
     else:  # unfolded: per-segment d x d maps around the shared N-wide core
         q = mm(qin, [_t(f.query_weight) for f in segs], [f.query_bias for f in segs])
         qp = mm(q, [f.key_weight for f in segs])
