@@ -249,6 +249,18 @@ def routed_folds(block, names: Sequence[str]) -> List[RoutedFold]:
 
 
 # ---------------------------------------------------------------------------------- segments
+def _draws_score_dropout(block, fusion) -> bool:
+    """Whether this forward of ``fusion`` draws a score-dropout mask (training, a positive rate):
+    such a forward also runs unfolded (the fold drops the score terms dropout makes matter)."""
+    return block.training and fusion.score_dropout > 0
+
+
+def _steps_per_forward(block, fusion) -> bool:
+    """Whether :func:`_fusion_segment` gives ``fusion`` a different segment at each forward: its
+    temperature anneals, it draws score dropout, or it carries a control (read per forward)."""
+    return bool(fusion.config.temperature) or fusion.control is not None or _draws_score_dropout(block, fusion)
+
+
 def _fusion_segment(block, fusion, rows: int, device, dtype, index, folded, params: Optional[FusionParams],
                     active: bool = False, fspec: Optional[LayerSpec] = None) -> Segment:
     """One fusion's segment of this forward: its per-forward steps run here, once (temperature
@@ -258,7 +270,7 @@ def _fusion_segment(block, fusion, rows: int, device, dtype, index, folded, para
     fspec = fspec if fspec is not None else block.spec(fusion)
     inv_t = 1.0 / fusion.begin_forward()
     score_scale = None
-    if block.training and fusion.score_dropout > 0:
+    if _draws_score_dropout(block, fusion):
         score_scale = (block.score_dropout_scale(rows, device) if active
                        else block.score_dropout_scale(rows, device, fusion))
     prior = None
@@ -322,7 +334,7 @@ def _compile_route(block, h2: torch.Tensor, lead, state: RouteState):
     fusions = [block.fusions[n] for n in rows.names]
     spec = routed_spec(block, fusions[0])
     backend = REGISTRY[resolve_routed(block.backend, h2.device, spec, h2.dtype)]
-    dropout = block.training and any(f.score_dropout > 0 for f in fusions)
+    dropout = any(_draws_score_dropout(block, f) for f in fusions)
     # the fold cache keys on data pointers, which torch.compile cannot trace
     fold = (backend.folds and not dropout and not torch.compiler.is_compiling()
             and not any(needs_grad(block, f) for f in fusions))
@@ -337,10 +349,10 @@ def _compile_active(block, h2: torch.Tensor):
     keyed on everything it reads: the setup's spec (which reads the configs), the active setup,
     the backend setting, device and dtype, grad mode and training flag, and the storage and
     version counter of every source tensor (a later optimizer step, ``load_state_dict`` or weight
-    replacement misses; so does a change of ``requires_grad``). A decoding step then pays one spec and one key, not the spec, backend
-    resolution, params, fold lookup and plan. The per-forward steps stay per forward: a fusion
-    that anneals its temperature, draws score dropout or carries a control gets its segment
-    built every call (:func:`_fusion_segment`)."""
+    replacement misses; so does a change of ``requires_grad``). A decoding step then pays one spec
+    and one key, not the spec, backend resolution, params, fold lookup and plan. The per-forward
+    steps stay per forward: a fusion whose segment changes at each forward
+    (:func:`_steps_per_forward`) is compiled every call."""
     fusion = block.fusion
     spec = block.spec(fusion)
     if fusion is None:
@@ -350,8 +362,7 @@ def _compile_active(block, h2: torch.Tensor):
     # compiled graphs run the unfolded layer and let the compiler plan the GEMMs
     compiling = torch.compiler.is_compiling()
     sources = None if compiling else _fold_sources(block, fusion)
-    per_forward = fusion.config.temperature or fusion.control is not None or (block.training and fusion.score_dropout > 0)
-    if compiling or per_forward:
+    if compiling or _steps_per_forward(block, fusion):
         return _build_active(block, fusion, spec, h2, sources)
     key = ("active", spec, block.active_fusion, block.backend, h2.device, h2.dtype, torch.is_grad_enabled(),
            block.training, tuple(t.requires_grad for t in sources), _fold_key(sources))
@@ -362,8 +373,8 @@ def _build_active(block, fusion, spec: LayerSpec, h2: torch.Tensor, sources):
     backend = REGISTRY[resolve_backend(block.backend, h2.device, spec, h2.dtype)]
     P = block.params(fusion)
     folded = None
-    if backend.folds and sources is not None and not (block.training and fusion.score_dropout > 0):
-        if not needs_grad(block, fusion, sources):  # (score dropout needs the terms the fold drops)
+    if backend.folds and sources is not None and not _draws_score_dropout(block, fusion):
+        if not needs_grad(block, fusion, sources):
             folded = folded_weights(block, fusion, sources)
     seg = _fusion_segment(block, fusion, h2.shape[0], h2.device, h2.dtype, None, folded,
                           P if backend.name == "reference" else None, active=True, fspec=spec)
