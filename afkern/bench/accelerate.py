@@ -31,7 +31,7 @@ from . import env
 from .options import case_group
 from .report import fmt, write_csv
 from .stats import paired_ratio, sample_columns
-from .timing import Case, run_group
+from .timing import Case, run_cases
 
 __all__ = ["add_arguments", "run", "build_model", "TARGETS"]
 
@@ -154,8 +154,7 @@ def run(args, cfg: dict, out_dir: str, argv: List[str]) -> int:
         cases = [Case("adapters", lambda: _calls(hub, ids, mask)[mode])]
         if status == "ok":
             cases.append(Case("accelerated", lambda: _calls(acc, ids, mask)[mode]))
-        run_group(cases, cfg["repeats"], cfg["warmup"], cfg["min_sample_ms"], device, cfg["clock"], cfg["warmup_ms"])
-        by = {c.provider: c for c in cases}
+        by = run_cases(cases, cfg, device)
         load = env.load1()
         for p in PROVIDERS:
             c = by.get(p)

@@ -59,7 +59,7 @@ from .options import case_group, positive_ints
 from .check import floor_for, rel_err
 from .report import write_csv
 from .stats import paired_ratio, percentile
-from .timing import Case, run_group
+from .timing import Case, run_cases
 
 __all__ = ["add_arguments", "run", "build_models", "make_prompt", "generate", "prefill", "cached_logits", "check", "decode_rows",
            "PROVIDERS", "TARGETS", "COLUMNS"]
@@ -363,7 +363,7 @@ def run(args, cfg: dict, out_dir: str, argv: List[str]) -> int:
         ok = {p: m for p, m in models.items() if m is not None and checks.get(p, {}).get("status", "ok") == "ok"}
         cases = [Case(p, (lambda m=m: lambda: generate(m, ids, new_tokens))) for p, m in ok.items()]
         cases += [Case(p + PREFILL, (lambda m=m: lambda: prefill(m, ids))) for p, m in ok.items()]
-        run_group(cases, cfg["repeats"], cfg["warmup"], cfg["min_sample_ms"], device, cfg["clock"], cfg["warmup_ms"])
+        run_cases(cases, cfg, device)
         rows += decode_rows(cases, b, new_tokens, checks, base)
         print("  " + summary([r for r in rows if r["batch"] == b]).replace("\n", "\n  "), flush=True)
         write_csv(csv_path, rows, COLUMNS)  # after every batch: an interrupted run keeps what it measured

@@ -39,7 +39,7 @@ from .report import write_csv
 from . import env
 from .options import case_group, positive_ints
 from .stats import paired_ratio, sample_columns
-from .timing import Case, run_group
+from .timing import Case, run_cases
 
 __all__ = ["add_arguments", "run", "build_models", "TARGET_RATIO", "PROVIDERS"]
 
@@ -220,8 +220,7 @@ def run(args, cfg: dict, out_dir: str, argv: List[str]) -> int:
         status = {p: ("ok" if errs.get(p, 0.0) <= (tol if p != "adapters_switching" else 10 * tol) else "WRONG")
                   for p in calls}
         cases = [Case(p, (lambda c=c: c)) for p, c in calls.items() if status[p] == "ok"]
-        run_group(cases, cfg["repeats"], cfg["warmup"], cfg["min_sample_ms"], device, cfg["clock"], cfg["warmup_ms"])
-        by = {c.provider: c for c in cases}
+        by = run_cases(cases, cfg, device)
         load = env.load1()
         for p in calls:
             c = by.get(p)

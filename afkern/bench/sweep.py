@@ -25,7 +25,7 @@ from .models import Setup
 from .progress import Progress, group_cost
 from .providers import BASELINES, PROVIDERS, ProviderUnavailable, Runner
 from .stats import paired_ratio, percentile
-from .timing import Case, run_group
+from .timing import Case, run_cases
 
 __all__ = ["run_sweep", "sweep_cost", "check_tokens"]
 
@@ -133,8 +133,7 @@ def run_sweep(cfg: dict, meta: dict, progress: Progress,
                         progress.status(f"{family} {kind} N={n} {tokens} tok {mode}: timing")
                         t1 = time.perf_counter()
                         if cases:
-                            run_group(cases, cfg["repeats"], cfg["warmup"], cfg["min_sample_ms"], device, cfg["clock"],
-                                      warmup_ms=cfg["warmup_ms"], tick=lambda f, w=work: progress.advance(w * f))
+                            run_cases(cases, cfg, device, tick=lambda f, w=work: progress.advance(w * f))
                         else:
                             progress.advance(work)
                         progress.log(f"{tag} N={n} tokens={tokens} {mode}: {len(cases)} providers in "

@@ -48,7 +48,7 @@ import torch
 
 from .stats import percentile
 
-__all__ = ["Case", "run_group", "warm_up", "time_once", "peak_memory_mb", "default_warmup_ms",
+__all__ = ["Case", "run_group", "run_cases", "warm_up", "time_once", "peak_memory_mb", "default_warmup_ms",
            "MAX_WARMUP_CALLS", "MAX_WARMUP_FACTOR"]
 
 MAX_WARMUP_CALLS = 1000
@@ -194,3 +194,12 @@ def run_group(cases: List[Case], repeats: int, warmup: int, min_sample_ms: float
     for c in cases:
         c.peak_mb = peak_memory_mb(c.prepare(), device)
     tick(0.1)
+
+
+def run_cases(cases: List[Case], cfg: dict, device: torch.device,
+              tick: Optional[Callable[[float], None]] = None) -> Dict[str, Case]:
+    """:func:`run_group` with the run's timing settings (``cfg``'s ``repeats``, ``warmup``,
+    ``min_sample_ms``, ``clock``, ``warmup_ms``, from the command line); the timed cases by provider."""
+    run_group(cases, cfg["repeats"], cfg["warmup"], cfg["min_sample_ms"], device, cfg["clock"], cfg["warmup_ms"],
+              tick=tick)
+    return {c.provider: c for c in cases}
