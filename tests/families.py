@@ -735,11 +735,13 @@ def adapter_config(variant: str):
 
 
 def make_adapterhub(spec: FamilySpec, variant: str = "seq_bn", plain=None, seed: int = 0,
-                    names=ADAPTER_NAMES, fusion: str = "dynamic", calibrate: bool = True):
+                    names=ADAPTER_NAMES, fusion: str = "dynamic", calibrate: bool = True, zero_added: bool = True):
     """A deep copy of ``plain`` prepared with `adapters`: N adapters, a Fuse, all perturbed.
 
     The base weights are those of ``plain`` (built with ``make_plain(spec, seed)`` if not given),
-    so afkern on ``plain`` and AdapterHub on the result compute the same function.
+    so afkern on ``plain`` and AdapterHub on the result compute the same function; with
+    ``zero_added=False`` the parameters ``adapters.init`` adds to the base model keep AdapterHub's
+    values (DeBERTa v1's random in_proj bias, :func:`zero_added_base_params_`).
     """
     import adapters
     from adapters import Fuse
@@ -748,7 +750,7 @@ def make_adapterhub(spec: FamilySpec, variant: str = "seq_bn", plain=None, seed:
         plain = make_plain(spec, seed)
     model = copy.deepcopy(plain).float().eval()   # adapters.init must run in float32 (LoRA wrappers
     adapters.init(model)                           # are rebuilt in the default dtype)
-    model._afkern_zeroed = zero_added_base_params_(model, plain)
+    model._afkern_zeroed = zero_added_base_params_(model, plain) if zero_added else []
     cfg = adapter_config(variant)
     for n in names:
         model.add_adapter(n, config=cfg)

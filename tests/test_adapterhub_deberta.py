@@ -10,8 +10,7 @@ import sys
 import pytest
 import torch
 
-adapters = pytest.importorskip("adapters")
-from adapters import Fuse  # noqa: E402
+pytest.importorskip("adapters")
 
 import afkern  # noqa: E402
 
@@ -30,14 +29,7 @@ def _hub(pos_att_type):
     config.pos_att_type = list(pos_att_type)
     torch.manual_seed(0)
     plain = getattr(__import__("transformers"), spec.model_class)(config).eval()
-    hub = copy.deepcopy(plain)
-    adapters.init(hub)
-    for n in NAMES:
-        hub.add_adapter(n, config=F.adapter_config("double_seq_bn"))
-    hub.add_adapter_fusion(Fuse(*NAMES))
-    hub.set_active_adapters(Fuse(*NAMES))
-    F.perturb_adapterhub_(hub)
-    return spec, plain, hub.eval()
+    return spec, plain, F.make_adapterhub(spec, "double_seq_bn", plain=plain, calibrate=False, zero_added=False)
 
 
 @pytest.mark.parametrize("pos_att_type", [("c2p", "p2c"), ("c2p",), ("p2c",)])
