@@ -54,7 +54,7 @@ def test_decode_case_runs_tiny_and_writes_rows(tmp_path):
     for r in rows:
         if r["provider"] == "plain":
             assert float(r["ratio_to_plain"]) == 1.0 == float(r["decode_ratio_to_plain"]) and r["rel_err"] == ""
-        elif r["provider"] == "gemm_floor":  # not a model: the cost floor, timed and never checked
+        elif r["provider"] in ("gemm_floor", "hooks_floor"):  # cost floors, timed and never checked
             assert r["rel_err"] == ""
         else:  # checked against the float64 oracle before timing
             assert 0 <= float(r["rel_err"]) <= max(2 * float(r["ref_rel_err"]), 1e-5)
@@ -133,3 +133,20 @@ def test_gemm_floor_runs_only_the_two_gemms():
         got = b.adapter_forward(h, r)
     assert torch.allclose(got.reshape(want.shape), want, rtol=0, atol=1e-12)
     assert not torch.allclose(got, b0.adapter_forward(h, r)), "the floor must not be AdapterFusion"
+
+
+def test_hooks_floor_is_the_plain_model_through_the_hooks():
+    """The hooks floor's blocks return h + r, so the model computes the plain model's logits bit for
+    bit (GPT-2's block adds ``residual + mlp``; IEEE addition commutes) while every site hook runs."""
+    fm, _, _, pm = _models(torch.float32)
+    floor = decode.hooks_floor(fm)
+    import afkern
+    from afkern.sites import layer_hooks
+
+    assert len(list(layer_hooks(floor))) == len(list(layer_hooks(fm))) > 0
+    ids = decode.make_prompt(2, 7, 61, 0, "cpu")
+    with torch.no_grad():
+        want, got, fused = (m(ids).logits for m in (pm, floor, fm))
+    assert torch.equal(got, want)
+    assert not torch.equal(fused, want), "afkern's own model must differ from the plain one (perturbed adapters)"
+    assert all(type(b).__name__ == "FusedAdapterBlock" for _, b in afkern.fused_blocks(floor))

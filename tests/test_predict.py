@@ -24,7 +24,8 @@ TASKS = ["routing", "sentiment", "adapter:routing", "topic"]  # two fusions, two
 def run_dir(tmp_path_factory):
     from test_train import _tiny_model
 
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # this module's comparisons run on one thread; restored after it
     root = tmp_path_factory.mktemp("predict")
     model = _tiny_model(root / "m")
     out = str(root / "out")
@@ -38,7 +39,8 @@ def run_dir(tmp_path_factory):
         name = spec.split(":")[-1]
         text = read_records(os.path.join(out, "data", name, "dev.jsonl"))[i]["text"]
         rows.append({"text": text, "task": spec})
-    return {"model": model, "out": out, "rows": rows}
+    yield {"model": model, "out": out, "rows": rows}
+    torch.set_num_threads(threads)
 
 
 def _alone(run_dir, spec, texts, dtype, pairs=None):

@@ -18,7 +18,11 @@ the KV cache, no early stop (no EOS token). Providers, all on the same base weig
 * ``gemm_floor`` -- NOT a model (its outputs are wrong, so it is not checked): a copy of afkern's
   model whose every block runs nothing but the two GEMMs of its folded inference weights
   (:func:`gemm_floor`), through the same hooks: what a decoding step of the folded layer cannot
-  avoid paying on this device, the floor under ``afkern``'s ratio.
+  avoid paying on this device, the floor under ``afkern``'s ratio;
+* ``hooks_floor`` -- the plain model through afkern's sites: a copy of afkern's model whose every
+  block returns ``h + r``, AdapterHub's output without adapters (:func:`hooks_floor`; the plain
+  model's numbers, bit for bit). GPT-2 is a hooked family, so this is what the hooks alone cost;
+  ``gemm_floor - hooks_floor`` is the cost of the folded weights' bytes.
 
 Correctness, before timing. The oracle is afkern's ``reference`` path in float64 on the same
 weights, run teacher-forced (one uncached forward) over each provider's generated sequence; a
@@ -64,7 +68,7 @@ from .timing import Case, run_cases
 __all__ = ["add_arguments", "run", "build_models", "make_prompt", "generate", "prefill", "cached_logits", "check", "decode_rows",
            "PROVIDERS", "TARGETS", "COLUMNS"]
 
-PROVIDERS = ("plain", "afkern", "adapters", "gemm_floor")
+PROVIDERS = ("plain", "afkern", "adapters", "gemm_floor", "hooks_floor")
 PREFILL = "/prefill"  # the case timing a provider's prefill alone, in the same group
 TARGETS = {1: 1.15, 8: 1.10}  # afkern / plain per token after issue 18's restructure, by batch size
 COLUMNS = ["batch", "provider", "status", "rel_err", "ref_rel_err", "ms_per_token", "p20_ms_per_token",
@@ -190,6 +194,17 @@ def gemm_floor(fm: nn.Module) -> nn.Module:
             return torch.addmm(x, z, w_up).reshape(h.shape)
 
         b.adapter_forward = bare  # an instance attribute: the site calls it in place of the layer
+    return floor
+
+
+def hooks_floor(fm: nn.Module) -> nn.Module:
+    """A copy of ``fm`` whose every block returns ``h + r`` (AdapterHub's output without adapters:
+    the plain model's), through the same sites and hooks: their cost alone (module doc)."""
+    import afkern
+
+    floor = copy.deepcopy(fm)
+    for _, b in afkern.fused_blocks(floor):
+        b.adapter_forward = torch.add  # an instance attribute: the site calls it in place of the layer
     return floor
 
 
@@ -353,7 +368,7 @@ def run(args, cfg: dict, out_dir: str, argv: List[str]) -> int:
                 hidden=cfg["shape"].hidden, vocab=args.vocab_size, backend=args.decode_backend,
                 **{k: meta[k] for k in ("dtype", "device", "threads", "clock")},
                 **{k: versions.get(k, "") for k in ("torch", "transformers", "adapters", "afkern")})
-    models = {"plain": pm, "afkern": fm, "adapters": am, "gemm_floor": gemm_floor(fm)}
+    models = {"plain": pm, "afkern": fm, "adapters": am, "gemm_floor": gemm_floor(fm), "hooks_floor": hooks_floor(fm)}
     rows: List[dict] = []
     csv_path, json_path = os.path.join(out_dir, "decode.csv"), os.path.join(out_dir, "decode.json")
     t0 = time.perf_counter()
