@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import functools
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -118,6 +119,12 @@ class RecordedRoute:
 
 
 # ---------------------------------------------------------------------------------- spec and params
+#: one LayerSpec object per distinct setup: a spec is immutable, so every forward of a setup shares
+#: one, built once (a frozen dataclass costs microseconds to construct, which a decoding step's
+#: single token pays at every layer) and compared by identity first in the compile cache's key
+_layer_spec = functools.lru_cache(maxsize=4096, typed=True)(LayerSpec)  # typed: True and 1 stay apart
+
+
 def block_spec(block, fusion=None) -> LayerSpec:
     """The static description of ``block``'s setup ``fusion`` (None: its single active adapter)."""
     ac = block.adapter_config
@@ -130,11 +137,11 @@ def block_spec(block, fusion=None) -> LayerSpec:
         ln_eps=eps, layer_norm=norm is not None,
     )
     if fusion is None:
-        return LayerSpec(n_adapters=block.n_adapters, fusion=False,
+        return _layer_spec(n_adapters=block.n_adapters, fusion=False,
                          active=block.adapter_names.index(block.active_adapter),
                          adapter_dropout=float(ac.dropout) if block.training else 0.0, **common)
     fc = fusion.config
-    return LayerSpec(
+    return _layer_spec(
         n_adapters=len(fusion.adapter_names), fusion=True, query=fc.query, key=fc.key, value=fc.value,
         query_before_ln=fc.query_before_ln, residual_before=fc.residual_before,
         score_dropout=fusion.score_dropout, **common,
