@@ -122,7 +122,12 @@ class RecordedRoute:
 #: one LayerSpec object per distinct setup: a spec is immutable, so every forward of a setup shares
 #: one, built once (a frozen dataclass costs microseconds to construct, which a decoding step's
 #: single token pays at every layer) and compared by identity first in the compile cache's key
-_layer_spec = functools.lru_cache(maxsize=4096, typed=True)(LayerSpec)  # typed: True and 1 stay apart
+_interned_spec = functools.lru_cache(maxsize=4096, typed=True)(LayerSpec)  # typed: True and 1 stay apart
+
+
+def _layer_spec(**fields) -> LayerSpec:
+    # torch.compile cannot trace an lru_cache: a traced forward builds its spec (a constant there)
+    return LayerSpec(**fields) if torch.compiler.is_compiling() else _interned_spec(**fields)
 
 
 def block_spec(block, fusion=None) -> LayerSpec:
