@@ -178,3 +178,19 @@ def test_temperature_clock_sees_a_fusion_added_later():
     copies = [b.fusions["late"] for _, b in afkern.fused_blocks(c)]
     assert all(f._step_temps == [t] for f, t in zip(copies, t1))
     assert all(b.fusions["late"].temperature == t for b, t in zip(blocks, t1)), "the copy's forward annealed the original"
+
+
+def test_spec_is_one_object_per_setup_and_follows_config_edits():
+    """``block_spec`` interns its LayerSpec (one object per distinct setup, so the compile key
+    compares it by identity): the same setup gives the same object, an edited config a new one
+    with the edit in it, and an equal setup of another block the same object."""
+    b = _block()
+    b.set_active_fusion("ab")
+    s1, s2 = b.spec(), b.spec()
+    assert s1 is s2
+    assert _block().set_active_fusion("ab").spec() is s1
+    b.fusions["ab"].config.residual_before = not s1.residual_before
+    s3 = b.spec()
+    assert s3 is not s1 and s3.residual_before == (not s1.residual_before)
+    b.fusions["ab"].config.residual_before = s1.residual_before
+    assert b.spec() is s1
