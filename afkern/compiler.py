@@ -143,8 +143,8 @@ def block_spec(block, fusion=None) -> LayerSpec:
     )
     if fusion is None:
         return _layer_spec(n_adapters=block.n_adapters, fusion=False,
-                         active=block.adapter_names.index(block.active_adapter),
-                         adapter_dropout=float(ac.dropout) if block.training else 0.0, **common)
+                           active=block.adapter_names.index(block.active_adapter),
+                           adapter_dropout=float(ac.dropout) if block.training else 0.0, **common)
     fc = fusion.config
     return _layer_spec(
         n_adapters=len(fusion.adapter_names), fusion=True, query=fc.query, key=fc.key, value=fc.value,
