@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from .activations import canonical_activation
 from .backends import REGISTRY, resolve_backend
+from .ops.cache import Cache, version_key
 from .ops.fold import FoldedWeights, fold_weights
 from .ops.params import FusionParams, LayerSpec
 
@@ -44,12 +45,12 @@ class Accelerated:
 
 @dataclass
 class Site:
-    """Memo caches of one BottleneckLayer: {key: (version key, value)}. Entries are replaced whole
-    (one dict assignment), so concurrent forwards never see half an entry."""
+    """Memo caches of one BottleneckLayer (one slot per adapter set / fusion, keyed on the version
+    counters of their sources: :class:`afkern.ops.cache.Cache`)."""
 
     model: Accelerated
-    stacks: Dict[tuple, tuple] = field(default_factory=dict)
-    folds: Dict[str, tuple] = field(default_factory=dict)
+    stacks: Cache = field(default_factory=Cache)
+    folds: Cache = field(default_factory=Cache)
 
 
 def is_bottleneck(module) -> bool:
@@ -122,10 +123,6 @@ def sources_of(adapters) -> List[torch.Tensor]:
                                           a.adapter_up.bias)]
 
 
-def _version_key(tensors) -> tuple:
-    return tuple((t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape)) for t in tensors)
-
-
 def _stack(adapters) -> Dict[str, torch.Tensor]:
     """afkern's stacked layout (``FusionParams``): up-projection transposed, float scaling folded in."""
     up_w = torch.stack([a.adapter_up.weight.t() * a.scaling if a.scaling != 1.0 else a.adapter_up.weight.t()
@@ -141,13 +138,12 @@ def adapter_tensors(site: Site, adapters, names: Tuple[str, ...]) -> Dict[str, t
     src = sources_of(adapters)
     if torch.is_grad_enabled() and any(t.requires_grad for t in src):
         return _stack(adapters)
-    key = _version_key(src) + tuple(a.scaling for a in adapters)
-    hit = site.stacks.get(names)
-    if hit is None or hit[0] != key:
+
+    def build():
         with torch.no_grad():
-            hit = (key, _stack(adapters))
-        site.stacks[names] = hit
-    return hit[1]
+            return _stack(adapters)
+
+    return site.stacks.get(version_key(src) + tuple(a.scaling for a in adapters), build, slot=names)
 
 
 def _layer_fn(site: Site, spec: LayerSpec, h2: torch.Tensor):
@@ -232,9 +228,5 @@ def fuse(layer, site: Site, setup, names: List[str], activation: str, state):
 
 
 def folded_weights(site: Site, name, sources, ads, P: FusionParams, spec: LayerSpec) -> FoldedWeights:
-    key = (_version_key(sources), tuple(a.scaling for a in ads), spec)
-    hit = site.folds.get(name)
-    if hit is None or hit[0] != key:
-        hit = (key, fold_weights(P, spec))
-        site.folds[name] = hit
-    return hit[1]
+    key = (version_key(sources), tuple(a.scaling for a in ads), spec)
+    return site.folds.get(key, lambda: fold_weights(P, spec), slot=name)

@@ -36,7 +36,7 @@ import torch.nn as nn
 
 from .ops.activations import canonical_activation
 from .backends import REGISTRY, resolve_backend, resolve_routed
-from .ops.cache import Cache
+from .ops.cache import Cache, version_key
 from .ops.fold import FoldedWeights, fold_weights
 from .ops.params import FusionParams, LayerSpec
 from .ops.segments import RoutedFold, RoutePlan, Segment, SegmentPlan, route_plan
@@ -204,10 +204,6 @@ def _fold_sources(block, fusion) -> List[torch.Tensor]:
     return out
 
 
-def _fold_key(sources: Sequence[torch.Tensor]) -> tuple:
-    return tuple((t.data_ptr(), t._version, t.dtype, t.device, t.shape) for t in sources)
-
-
 def needs_grad(block, fusion, sources: Optional[Sequence[torch.Tensor]] = None) -> bool:
     """Whether the fusion's weights must stay unfolded: they need gradients now, or they are
     trainable and the block is training (reentrant gradient checkpointing runs the training
@@ -224,7 +220,7 @@ def folded_weights(block, fusion, sources: Optional[Sequence[torch.Tensor]] = No
     name = next(k for k, f in block.fusions.items() if f is fusion)
     sources = _fold_sources(block, fusion) if sources is None else sources
     spec = block.spec(fusion)  # the fold depends on the setup too (an edited config refolds)
-    return block._folded.get(_fold_key(sources) + (spec,), lambda: fold_weights(block.params(fusion), spec), slot=name)
+    return block._folded.get(version_key(sources) + (spec,), lambda: fold_weights(block.params(fusion), spec), slot=name)
 
 
 def _fold_one(block, fusion) -> RoutedFold:
@@ -244,9 +240,9 @@ def routed_folds(block, names: Sequence[str]) -> List[RoutedFold]:
     ``w_out`` [F, N r + N, d]) and each fusion's maps are views of it: the segmented GEMMs of a
     batch whose fusions are consecutive in the stack read them as one strided [S, ...] tensor (a
     batched GEMM on CPU, the triton kernel without a copy). Keyed on the version counters and
-    storage of every source tensor (and the fusions' configs); a change refolds the fusions it
+    storage of every source tensor and each fusion's spec (as :func:`folded_weights`); a change refolds the fusions it
     touches. ``block.invalidate_folded`` drops it."""
-    keys = {k: _fold_key(_fold_sources(block, f)) + (repr(f.config),) for k, f in block.fusions.items()}
+    keys = {k: version_key(_fold_sources(block, f)) + (block_spec(block, f),) for k, f in block.fusions.items()}
 
     def build():
         old_keys, old = block._routed_cache.peek("folds") or ({}, {})
@@ -377,7 +373,7 @@ def _compile_active(block, h2: torch.Tensor):
     if compiling or _steps_per_forward(block, fusion):
         return _build_active(block, fusion, spec, h2, sources)
     key = ("active", spec, block.active_fusion, block.backend, h2.device, h2.dtype, torch.is_grad_enabled(),
-           block.training, tuple(t.requires_grad for t in sources), _fold_key(sources))
+           block.training, tuple(t.requires_grad for t in sources), version_key(sources))
     return block._routed_cache.get(key, lambda: _build_active(block, fusion, spec, h2, sources), slot="active")
 
 

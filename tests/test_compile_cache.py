@@ -194,3 +194,28 @@ def test_spec_is_one_object_per_setup_and_follows_config_edits():
     assert s3 is not s1 and s3.residual_before == (not s1.residual_before)
     b.fusions["ab"].config.residual_before = s1.residual_before
     assert b.spec() is s1
+
+
+def test_routed_folds_see_a_config_edit():
+    """The folds of a routed batch (``compiler.routed_folds``) are keyed on each fusion's spec
+    too: an edited fusion config refolds, as the active setup's fold does."""
+    b = _block()
+    with torch.no_grad():
+        b.add_fusion("ac", ["a", "c"])
+        for p in b.fusions["ac"].parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    h, x = _inputs()
+    with torch.no_grad():
+        with afkern.route(b, fusion=["ab", "ac"]):
+            before, again = b(h, x), b(h, x)
+        assert torch.equal(before, again)
+        b.fusions["ab"].config.residual_before = True
+        with afkern.route(b, fusion=["ab", "ac"]):
+            got = b(h, x)
+            b.invalidate_folded()
+            want = b(h, x)
+    assert torch.equal(got, want), "the routed batch ran the folds of the old config"
+    assert (got[0] - before[0]).abs().max() > 1e-6, "the edit did not move the edited fusion's sequence (void)"
+    # the other fusion's sequence is unchanged up to float64 rounding (the batch now takes the
+    # residual_before path, which runs every segment's residual term through a GEMM)
+    assert (got[1] - before[1]).abs().max() < 1e-12

@@ -15,9 +15,16 @@ starts empty (its tensors are new, so the old keys would never match anyway).
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Dict, Hashable, Optional, Tuple
+from typing import Any, Callable, Dict, Hashable, Iterable, Optional, Tuple
 
-__all__ = ["Cache"]
+__all__ = ["Cache", "version_key"]
+
+
+def version_key(tensors: Iterable[Any]) -> tuple:
+    """The key part of a cache entry built from ``tensors``: each one's storage, version counter,
+    dtype, device and shape, so an in-place update (an optimizer step), a replaced tensor or
+    ``.data`` and a ``.to()`` all miss."""
+    return tuple((t.data_ptr(), t._version, t.dtype, t.device, t.shape) for t in tensors)
 
 
 class Cache:
