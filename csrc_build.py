@@ -1,4 +1,5 @@
-"""Sources and flags of the CUDA extension ``afkern._C``, shared by setup.py and the JIT build.
+"""Sources and flags of the CUDA extension ``afkern._C`` and the CPU extension ``afkern._cpu``
+(csrc/cpu/), shared by setup.py and the JIT build (``afkern.backends.jit``).
 
 - C++20 for host and device code: torch 2.14's headers require it (``-std=c++20``).
 - SASS for sm_80 (A100) and sm_90 (H100/H200) plus compute_90 PTX, which newer GPUs JIT.
@@ -13,8 +14,13 @@ import os
 
 
 def sources(root: str):
-    """The .cpp and .cu files of csrc/, sorted (absolute paths)."""
+    """The .cpp and .cu files of csrc/ (the CUDA extension afkern._C), sorted (absolute paths)."""
     return sorted(glob.glob(os.path.join(root, "csrc", "*.cpp")) + glob.glob(os.path.join(root, "csrc", "*.cu")))
+
+
+def cpu_sources(root: str):
+    """The sources of the CPU extension afkern._cpu (csrc/cpu/), sorted (absolute paths)."""
+    return sorted(glob.glob(os.path.join(root, "csrc", "cpu", "*.cpp")))
 
 
 def cuda_archs():

@@ -331,14 +331,14 @@ def adapter_segments(spec: LayerSpec, adapters: Sequence[int]) -> List[Segment]:
 
 # ---------------------------------------------------------------------------------- the forward
 def _compile_route(block, h2: torch.Tensor, lead, state: RouteState):
-    """(backend, P, spec, plan) of a routed forward."""
+    """(backend, P, spec, plan, call) of a routed forward (``call`` None: ``backend.layer`` runs the plan)."""
     rows = state.plan(block, lead, h2.device)
     P = block_params(block)
     if state.kind == "adapter":
         adapters = [block.adapter_names.index(n) for n in rows.names]
         spec = single_spec(block, adapters[0])
         backend = REGISTRY[resolve_routed(block.backend, h2.device, None, h2.dtype)]
-        return backend, P, spec, SegmentPlan(rows, adapter_segments(spec, adapters))
+        return backend, P, spec, SegmentPlan(rows, adapter_segments(spec, adapters)), None
     fusions = [block.fusions[n] for n in rows.names]
     spec = routed_spec(block, fusions[0])
     backend = REGISTRY[resolve_routed(block.backend, h2.device, spec, h2.dtype)]
@@ -347,25 +347,26 @@ def _compile_route(block, h2: torch.Tensor, lead, state: RouteState):
     fold = (backend.folds and not dropout and not torch.compiler.is_compiling()
             and not any(needs_grad(block, f) for f in fusions))
     segs = segments(block, rows, h2.device, fold, with_params=backend.name == "reference")
-    return backend, P, spec, SegmentPlan(rows, segs)
+    return backend, P, spec, SegmentPlan(rows, segs), None
 
 
 def _compile_active(block, h2: torch.Tensor):
-    """(backend, P, spec, plan) of a forward of the active setup: the one-segment plan.
+    """(backend, P, spec, plan, call) of a forward of the active setup: the one-segment plan, and
+    its layer with the decisions made where the backend binds one (``Backend.bind``), else None.
 
     At inference the whole compile is cached per block (``block._routed_cache`` slot "active"),
     keyed on everything it reads: the setup's spec (which reads the configs), the active setup,
     the backend setting, device and dtype, grad mode and training flag, and the storage and
     version counter of every source tensor (a later optimizer step, ``load_state_dict`` or weight
     replacement misses; so does a change of ``requires_grad``). A decoding step then pays one spec
-    and one key, not the spec, backend resolution, params, fold lookup and plan. The per-forward
-    steps stay per forward: a fusion whose segment changes at each forward
-    (:func:`_steps_per_forward`) is compiled every call."""
+    and one key, not the spec, backend resolution, params, fold lookup, plan and the layer's
+    decisions (the bound call). The per-forward steps stay per forward: a fusion whose segment
+    changes at each forward (:func:`_steps_per_forward`) is compiled every call."""
     fusion = block.fusion
     spec = block.spec(fusion)
     if fusion is None:
         backend = REGISTRY[resolve_backend(block.backend, h2.device, spec, h2.dtype)]
-        return backend, block.params(None), spec, SegmentPlan(None, adapter_segments(spec, [spec.active]))
+        return backend, block.params(None), spec, SegmentPlan(None, adapter_segments(spec, [spec.active])), None
     # the fold cache keys on data pointers, which torch.compile cannot trace (fullgraph):
     # compiled graphs run the unfolded layer and let the compiler plan the GEMMs
     compiling = torch.compiler.is_compiling()
@@ -386,7 +387,9 @@ def _build_active(block, fusion, spec: LayerSpec, h2: torch.Tensor, sources):
             folded = folded_weights(block, fusion, sources)
     seg = _fusion_segment(block, fusion, h2.shape[0], h2.device, h2.dtype, None, folded,
                           P if backend.name == "reference" else None, active=True, fspec=spec)
-    return backend, P, spec, SegmentPlan(None, [seg])
+    plan = SegmentPlan(None, [seg])
+    bind = backend.bind if folded is not None else None
+    return backend, P, spec, plan, (None if bind is None else bind(P, spec, plan, h2))
 
 
 def forward(block, h: torch.Tensor, residual_input: torch.Tensor) -> torch.Tensor:
@@ -400,10 +403,13 @@ def forward(block, h: torch.Tensor, residual_input: torch.Tensor) -> torch.Tenso
     if state is not None and state.kind == "mixed":
         return _mixed_forward(block, h, residual_input, state)
     if state is None:
-        backend, P, spec, plan = _compile_active(block, h2)
+        backend, P, spec, plan, call = _compile_active(block, h2)
     else:
-        backend, P, spec, plan = _compile_route(block, h2, lead, state)
-    out, probs = backend.layer(h2, x2, P, spec, 1.0, None, None, None, plan)
+        backend, P, spec, plan, call = _compile_route(block, h2, lead, state)
+    if call is not None:  # the plan's layer with its decisions made (ops.layer.FoldedCall)
+        out, probs = call(h2, x2)
+    else:
+        out, probs = backend.layer(h2, x2, P, spec, 1.0, None, None, None, plan)
     if block.record_fusion_weights and probs is not None:
         w = probs.detach().reshape(*lead, probs.shape[-1])
         block.record(w, None if plan.rows is None else RecordedRoute(plan.rows, w))

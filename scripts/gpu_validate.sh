@@ -175,7 +175,7 @@ ensure_afkern() {
             "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE/deps" \
                 "$ROOT"/.whl/*.whl > "$LOGS/wheels.log" 2>&1 || log "WARNING: .whl/*.whl did not install (wheels.log)"
         fi
-        AFKERN_SKIP_CUDA_BUILD=1 "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile \
+        AFKERN_SKIP_CUDA_BUILD=1 AFKERN_SKIP_CPU_BUILD=1 "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile \
             --no-warn-script-location --target "$SITE/pkgs" . > "$LOGS/install.log" 2>&1 \
             || { log "FAILED: pip install of afkern (install.log)"; tail -n 20 "$LOGS/install.log"; return 1; }
         so="$(carried_so)"
@@ -201,7 +201,7 @@ ensure_afkern() {
         t1=$(now)
         rm -rf "$SITE/build"
         log "building afkern._C (MAX_JOBS=$MAX_JOBS, CUDA_HOME=$CUDA_HOME; log: build.log)"
-        AFKERN_FORCE_CUDA_BUILD=1 AFKERN_PTXAS_VERBOSE=1 timeout -k 10 "$(budget 420)" "$PY" -m pip install -v \
+        AFKERN_FORCE_CUDA_BUILD=1 AFKERN_SKIP_CPU_BUILD=1 AFKERN_PTXAS_VERBOSE=1 timeout -k 10 "$(budget 420)" "$PY" -m pip install -v \
             --no-index --no-deps --no-build-isolation --no-compile --no-warn-script-location --target "$SITE/build" . \
             > "$LOGS/build.log" 2>&1
         rc=$?

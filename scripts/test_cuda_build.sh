@@ -74,7 +74,7 @@ EOF
 BUILD_LOG="build/cuda-build.log"
 log "building afkern._C (MAX_JOBS=$MAX_JOBS; log: $BUILD_LOG)"
 T0=$(date +%s)
-if ! AFKERN_FORCE_CUDA_BUILD=1 AFKERN_PTXAS_VERBOSE=1 TORCH_CUDA_ARCH_LIST="8.0;9.0" \
+if ! AFKERN_FORCE_CUDA_BUILD=1 AFKERN_SKIP_CPU_BUILD=1 AFKERN_PTXAS_VERBOSE=1 TORCH_CUDA_ARCH_LIST="8.0;9.0" \
     "$VPY" -m pip install -v --no-build-isolation --no-deps --no-cache-dir . >"$BUILD_LOG" 2>&1; then
   tail -n 60 "$BUILD_LOG"
   log "FAILED: the extension did not build (full log: $BUILD_LOG)"

@@ -28,7 +28,7 @@ if [[ ! -f "$STAMP" ]] || [[ "$(cat "$STAMP")" != "$PINS" ]]; then
     "$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel 2> >(grep -v "is ignored" >&2)
     # shellcheck disable=SC2086
     "$VENV/bin/python" -m pip install -q $PINS 2> >(grep -v "is ignored" >&2)
-    AFKERN_SKIP_CUDA_BUILD=1 "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e . \
+    AFKERN_SKIP_CUDA_BUILD=1 AFKERN_SKIP_CPU_BUILD=1 "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e . \
         > /dev/null 2> >(grep -E -i "error" >&2 || true)
     echo "$PINS" > "$STAMP"
 fi

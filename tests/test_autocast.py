@@ -24,7 +24,7 @@ import torch.nn as nn
 
 import afkern
 from afkern.backends import cuda_ops
-from afkern.ops.layer import fusion_layer
+from afkern.ops.layer import folded_call, fusion_layer
 
 from conftest import minilm_path, perturb_, rel_err, token_batch
 
@@ -50,6 +50,8 @@ def backend_here(monkeypatch):
         if name == "cuda" and device == "cpu":
             monkeypatch.setattr(cuda_ops, "status", lambda dev: (True, "ok (CPU kernels of the afkern ops)"))
             monkeypatch.setattr(cuda_ops, "layer", lambda h, x, P, spec, *a: fusion_layer(h, x, P, spec, cuda_ops.PRIMITIVES, *a))
+            monkeypatch.setattr(cuda_ops, "bind", lambda P, spec, plan, h: folded_call(P, spec, cuda_ops.PRIMITIVES, plan,
+                                                                                       h.dtype))
         elif name == "cuda" and not cuda_ops.extension_status()[0]:
             pytest.skip("the CUDA extension is not built")
         elif name == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":

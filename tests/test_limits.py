@@ -32,15 +32,20 @@ def test_csrc_constants_match_limits():
     assert _const(h, "kNumActs") == len(limits.KERNEL_ACTIVATIONS)
     assert _const(h, "kMaxLnWidth") == limits.MAX_LN_WIDTH
     # written once in C++ as well: no other file redefines them
-    for f in os.listdir(os.path.join(ROOT, "csrc")):
-        if f != "launchers.h":
-            src = _read(os.path.join("csrc", f))
-            for name in ("kMaxAdapters", "kNumActs", "kMaxLnWidth"):
-                assert not re.search(rf"constexpr\s+\w+\s+{name}\s*=", src), f"{f} redefines {name}"
+    for dirpath, _, files in os.walk(os.path.join(ROOT, "csrc")):
+        for f in files:
+            rel = os.path.relpath(os.path.join(dirpath, f), ROOT)
+            if rel != os.path.join("csrc", "launchers.h"):
+                src = _read(rel)
+                for name in ("kMaxAdapters", "kNumActs", "kMaxLnWidth"):
+                    assert not re.search(rf"constexpr\s+\w+\s+{name}\s*=", src), f"{rel} redefines {name}"
 
 
-def test_cuda_activation_codes_match_limits():
-    enum = re.search(r"enum Act : int \{(.*?)\};", _read("csrc/common.cuh"), re.S).group(1)
+@pytest.mark.parametrize("path, decl", [("csrc/common.cuh", "enum Act : int"),
+                                        ("csrc/cpu/folded_core.cpp", "enum Act : int64_t")])
+def test_activation_codes_match_limits(path, decl):
+    """The CUDA kernels' and the CPU core's activation codes are afkern.ops.limits'."""
+    enum = re.search(re.escape(decl) + r" \{(.*?)\};", _read(path), re.S).group(1)
     codes = {m.group(1): int(m.group(2)) for m in re.finditer(r"k(\w+)\s*=\s*(\d+)", enum)}
     names = {"Linear": "linear", "Relu": "relu", "Gelu": "gelu", "GeluTanh": "gelu_tanh", "Silu": "silu",
              "Tanh": "tanh", "Sigmoid": "sigmoid", "LeakyRelu": "leakyrelu", "QuickGelu": "quick_gelu"}

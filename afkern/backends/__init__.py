@@ -67,6 +67,12 @@ class Backend:
     def layer(self) -> Callable:
         return self.load().layer
 
+    @property
+    def bind(self) -> Optional[Callable]:
+        """``bind(P, spec, plan, h) -> call or None``: the layer of a plan with its decisions made
+        once, for activations like ``h`` (``afkern.ops.layer.FoldedCall``), where the backend has one."""
+        return getattr(self.load(), "bind", None)
+
     def unsupported(self, spec=None, dtype: Optional[torch.dtype] = None) -> Optional[str]:
         """Why this backend cannot compute a block ``spec`` in ``dtype``, or None if it can."""
         if dtype is not None and self.dtypes is not None and dtype not in self.dtypes:

@@ -38,18 +38,17 @@ missing extension is compiled at first use from a source checkout
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from typing import Optional, Tuple
 
 import torch
 
+from . import jit
 from ..ops.activations import activation_code
-from ..ops.layer import Primitives, fusion_layer
+from ..ops.layer import Primitives, folded_call, fusion_layer
 from ..ops.limits import KERNEL_ACTIVATIONS, MAX_ADAPTERS
 from ..ops.rowop import rowop_backward, rowop_forward
 
-__all__ = ["extension_status", "status", "rowop", "add_layer_norm", "PRIMITIVES", "layer"]
+__all__ = ["extension_status", "status", "rowop", "add_layer_norm", "PRIMITIVES", "layer", "bind"]
 
 _CODE_TO_NAME = {code: name for name, code in KERNEL_ACTIVATIONS.items()}
 
@@ -307,23 +306,9 @@ _EXT = None
 _ERR = "not tried"
 
 
-def _repo_root() -> str:
-    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
 def _jit_build():
     """Compile csrc/ with torch.utils.cpp_extension.load (AFKERN_JIT_BUILD=1) and load it."""
-    root = _repo_root()
-    build_py = os.path.join(root, "csrc_build.py")
-    if not (os.path.exists(build_py) and os.path.isdir(os.path.join(root, "csrc"))):
-        raise RuntimeError(f"AFKERN_JIT_BUILD=1 needs a source checkout (csrc/ and csrc_build.py in {root})")
-    spec = importlib.util.spec_from_file_location("afkern_csrc_build", build_py)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    from torch.utils.cpp_extension import load
-
-    load(name="afkern_C", is_python_module=False, verbose=os.environ.get("AFKERN_JIT_VERBOSE") == "1",
-         **mod.jit_load_kwargs(root))
+    jit.load("afkern_C", is_python_module=False, **jit.csrc_build().jit_load_kwargs(jit.repo_root()))
     return "afkern_C (JIT build)"
 
 
@@ -334,17 +319,16 @@ def _load():
     try:
         from .. import _C  # type: ignore[attr-defined]  # noqa: F401  (registers the CUDA kernels)
 
-        _EXT, _ERR = _C, ""
+        _EXT, _ERR = jit.own_build(_C), ""
         return _EXT
     except Exception as exc:
-        err = exc
-    if os.environ.get("AFKERN_JIT_BUILD", "").strip() == "1":
+        err = f"{exc}"
+    if jit.enabled():
         try:
             _EXT, _ERR = _jit_build(), ""
             return _EXT
         except Exception as exc:
-            _ERR = f"the CUDA extension afkern._C is not built ({err}) and the JIT build failed ({exc})"
-            return None
+            err += f"; the JIT build (AFKERN_JIT_BUILD=1) failed: {exc}"
     _ERR = (
         f"the CUDA extension afkern._C is not built ({err}); reinstall with a CUDA toolkit and a CUDA "
         "build of torch present (AFKERN_FORCE_CUDA_BUILD=1 pip install --no-build-isolation .), or set "
@@ -378,9 +362,20 @@ def layer(h, input_tensor, P, spec, inv_temperature=1.0, score_scale=None, folde
     ``afkern.ops.layer`` with the row op and the residual-add LayerNorms on afkern's CUDA kernels
     (GEMMs, the segmented ones of a routed batch included, stay on cuBLAS). Returns (out [T, d],
     probs [T, N] float32 or None)."""
+    _ready(h)
+    return fusion_layer(h, input_tensor, P, spec, PRIMITIVES, inv_temperature, score_scale, folded, prior, plan)
+
+
+def bind(P, spec, plan, h):
+    """``layer`` of ``plan`` with its decisions made, for activations like ``h`` (their device is
+    part of the compile key, so its checks run here once), or None (not one folded fusion)."""
+    _ready(h)
+    return folded_call(P, spec, PRIMITIVES, plan, h.dtype)
+
+
+def _ready(h):
     ok, why = extension_status()
     if not ok:
         raise RuntimeError(f"backend 'cuda' cannot run: {why}")
     if h.device.type != "cuda":
         raise RuntimeError(f"backend 'cuda' runs on CUDA tensors; got tensors on {h.device.type}")
-    return fusion_layer(h, input_tensor, P, spec, PRIMITIVES, inv_temperature, score_scale, folded, prior, plan)

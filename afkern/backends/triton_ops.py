@@ -9,10 +9,10 @@ import os
 
 import torch
 
-from ..ops.layer import Primitives, fusion_layer
+from ..ops.layer import Primitives, folded_call, fusion_layer
 from ..ops.limits import MAX_INDEX
 
-__all__ = ["primitives", "layer", "status"]
+__all__ = ["primitives", "layer", "bind", "status"]
 
 
 def status(device: torch.device):
@@ -55,6 +55,21 @@ def layer(h, input_tensor, P, spec, inv_temperature=1.0, score_scale=None, folde
     _check(h, P)
     return fusion_layer(h.contiguous(), input_tensor.contiguous(), P, spec, primitives(), inv_temperature,
                         score_scale, folded, prior, plan)
+
+
+def bind(P, spec, plan, h):
+    """``layer`` of ``plan`` with its decisions made, for activations like ``h`` (the per-call
+    checks and contiguous inputs stay per call), or None (the plan is not one folded fusion)."""
+    _check(h, P)
+    call = folded_call(P, spec, primitives(), plan, h.dtype)
+    if call is None:
+        return None
+
+    def run(h, input_tensor):
+        _check(h, P)
+        return call(h.contiguous(), input_tensor.contiguous())
+
+    return run
 
 
 def _check(h, P):

@@ -43,11 +43,11 @@ import torch.nn.functional as F
 from .activations import activation_fn
 from .fold import FoldedWeights
 from .params import FusionParams, LayerSpec
-from .prologue import add_norm, norm_only, prologue
+from .prologue import add_norm, forms_sum, norm_only, prologue
 from .rowop import as_dtype
 from .segments import Segment, SegmentPlan, per_token, row_inputs, seg_mm, seg_mm_torch, view_offsets
 
-__all__ = ["Primitives", "CoreWeights", "fusion_layer", "gemm_core", "one_segment"]
+__all__ = ["Primitives", "CoreWeights", "FoldedCall", "fusion_layer", "folded_call", "gemm_core", "one_segment"]
 
 
 @dataclass
@@ -95,6 +95,9 @@ class Primitives:
       are cast to the activations' (h's) dtype first (autocast, mixed-precision weights). The
       residual stream (``input_tensor``) and the LayerNorm's weights keep theirs: ``add_norm``
       and the core's residual epilogue load each input in its own dtype.
+    - ``inference_core(dtype, device, activation, core) -> core or None``: a core without autograd
+      for one fusion's folded maps (:class:`FoldedCall`, gradients off) in ``dtype`` on ``device``,
+      which falls back to ``core`` for a call it does not take; None where it has none.
 
     All must be differentiable (autograd Functions) when gradients are needed.
     """
@@ -106,6 +109,7 @@ class Primitives:
     seg_mm: Callable = seg_mm_torch
     routed_core: bool = False
     uniform_dtype: bool = False
+    inference_core: Optional[Callable] = None
 
 
 def gemm_core(rowop: Callable) -> Callable:
@@ -115,7 +119,7 @@ def gemm_core(rowop: Callable) -> Callable:
         NR = N * r
         if W.w_in is not None:
             zab = torch.addmm(W.b_in, x, W.w_in)
-            Z, A, sb = zab[:, :NR], zab[:, NR:2 * NR], zab[:, 2 * NR:]
+            Z, A, sb = zab.split_with_sizes((NR, NR, zab.shape[1] - 2 * NR), 1)  # one op for three views
         else:
             Z = torch.addmm(W.bd, x, W.Wd)
             A = q @ W.Wa if W.ba is None else torch.addmm(W.ba, q, W.Wa)
@@ -186,6 +190,81 @@ def _t(w: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if w is None else w.t()
 
 
+def _reuse_pre(P: FusionParams, spec: LayerSpec, prims: Primitives, residual_before: bool) -> bool:
+    """Whether the core starts from the prologue's ``h + input``. The residual joins after the
+    value map unless ``residual_before`` puts it under it; when it is h and the prologue formed
+    h + input, start from that sum: the epilogue's add is then free (its norm stays)."""
+    return (forms_sum(P, spec, prims) and spec.original_ln_after and spec.residual_before_ln is True
+            and not residual_before)
+
+
+@dataclass(frozen=True)
+class FoldedCall:
+    """One fusion's folded maps over every token -- a plain forward at inference -- with every
+    decision of :func:`fusion_layer` made (:func:`folded_call`): ``call(h, input_tensor) -> (out,
+    p)`` runs the prologue, the core and the epilogue and nothing else. :func:`fusion_layer` runs
+    that case through it, and the compile cache (``afkern.compiler``) keeps one per setup, so a
+    decoding step pays for the ops and not for the decisions. Immutable: concurrent calls share it."""
+
+    P: FusionParams
+    spec: LayerSpec
+    prims: Primitives
+    core: Callable
+    W: CoreWeights
+    w_res: Optional[torch.Tensor]  # the residual's map under the value map (residual_before), or None
+    query_from_h: bool  # the core's q is h (folded query, query_before_ln), else x
+    reuse_pre: bool  # the prologue's h + input is the core's base; the epilogue is the norm alone
+    prior: Optional[torch.Tensor]
+    inv_temperature: float
+    cast: Optional[torch.dtype]  # x cast to the kernels' dtype (``Primitives.uniform_dtype``), or None
+
+    def __call__(self, h: torch.Tensor, input_tensor: torch.Tensor):
+        P, spec, prims = self.P, self.spec, self.prims
+        x, _, residual, pre = prologue(h, input_tensor, P, spec, prims)
+        if self.cast is not None:
+            x = x.to(self.cast)
+        if self.reuse_pre:
+            base = pre
+        else:
+            base = residual if self.w_res is None else residual @ self.w_res
+        N, r, _ = P.down_weight.shape
+        q = h if self.query_from_h else x
+        hidden, probs = self.core(x, q.contiguous(), self.W, None, base, None, self.prior, N, r, spec.activation,
+                                  self.inv_temperature)
+        if self.reuse_pre:
+            return norm_only(prims, hidden, P, spec), probs
+        if spec.original_ln_after:
+            return add_norm(prims, hidden, input_tensor, P, spec), probs
+        return hidden, probs
+
+
+def folded_call(P: FusionParams, spec: LayerSpec, prims: Primitives, plan: SegmentPlan,
+                dtype: torch.dtype) -> Optional[FoldedCall]:
+    """:class:`FoldedCall` of ``plan`` for activations (h) of ``dtype``, or None when the plan is
+    not one fusion's folded maps over every token without a score-dropout draw (then
+    :func:`fusion_layer` runs its general path)."""
+    if not plan.single:
+        return None
+    f = plan.segments[0]
+    if not f.spec.fusion or f.folded is None or f.score_scale is not None:
+        return None
+    cast = None
+    if prims.uniform_dtype:  # the kernels compute in h's dtype (see fusion_layer)
+        cast = dtype
+        P = P.to(dtype).replace(ln_weight=P.ln_weight, ln_bias=P.ln_bias)
+        f = f.cast(dtype)
+    N, r, _ = P.down_weight.shape
+    folded = f.folded
+    reuse_pre = _reuse_pre(P, spec, prims, f.spec.residual_before)
+    core = prims.core or gemm_core(prims.rowop)
+    if prims.inference_core is not None and not torch.is_grad_enabled():
+        core = prims.inference_core(dtype, P.down_weight.device, spec.activation, core) or core
+    return FoldedCall(P=P, spec=spec, prims=prims, core=core,
+                      W=_folded_weights(folded, N * r), w_res=folded.w_res,
+                      query_from_h=folded.w_q is not None and f.spec.query_before_ln, reuse_pre=reuse_pre,
+                      prior=f.prior, inv_temperature=f.inv_temperature, cast=cast)
+
+
 def one_segment(P: FusionParams, spec: LayerSpec, inv_temperature: float = 1.0,
                 score_scale: Optional[torch.Tensor] = None, folded: Optional[FoldedWeights] = None,
                 prior: Optional[torch.Tensor] = None) -> SegmentPlan:
@@ -237,6 +316,9 @@ def fusion_layer(
     """
     if plan is None:
         plan = one_segment(P, spec, inv_temperature, score_scale, folded, prior)
+    call = folded_call(P, spec, prims, plan, h.dtype)
+    if call is not None:  # one fusion's folded maps over every token
+        return call(h, input_tensor)
     segs = plan.segments
     if prims.uniform_dtype:
         # The kernels compute in h's dtype. Under autocast h is 16-bit while input_tensor, the
@@ -278,17 +360,9 @@ def fusion_layer(
     else:  # per-token score scale (1/temperature, dropout) and prior (-inf outside the token's fusion)
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         (M, prior), inv_t = row_inputs(segs, plan.rows, N, device, acc), 1.0
-    # The residual joins after the value map unless residual_before puts it under it. When it is
-    # h and the prologue formed h + input, start from that sum: the epilogue's add is then free.
-    reuse_pre = pre is not None and spec.original_ln_after and spec.residual_before_ln is True and not any(rb)
+    reuse_pre = _reuse_pre(P, spec, prims, any(rb))
     core = prims.core or gemm_core(prims.rowop)
-    if fold and plan.single:  # one fusion's folded maps over every token: the backend's core
-        f = segs[0].folded
-        res_term = residual if f.w_res is None else residual @ f.w_res
-        q = x if f.w_q is None else qin
-        hidden, probs = core(x, q.contiguous(), _folded_weights(f, NR), None, pre if reuse_pre else res_term,
-                             M, prior, N, r, spec.activation, inv_t)
-    elif fold:  # each segment its fusion's folded maps
+    if fold:  # each segment its fusion's folded maps (one fusion over every token: FoldedCall)
         W = _routed_core_weights(P, segs, plan, NR) if prims.routed_core else None
         if W is not None:  # read in place by the backend's fused core
             base = pre if reuse_pre else _routed_res_term(mm, residual, segs, x.dtype)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from .params import FusionParams, LayerSpec
 
-__all__ = ["prologue", "add_norm", "norm_only", "add_layer_norm_torch", "layer_norm_torch"]
+__all__ = ["prologue", "forms_sum", "add_norm", "norm_only", "add_layer_norm_torch", "layer_norm_torch"]
 
 
 def add_layer_norm_torch(x, residual, weight, bias, eps):
@@ -60,6 +60,14 @@ def norm_only(prims, u: torch.Tensor, P: FusionParams, spec: LayerSpec) -> torch
     return prims.add_norm(u, None, P.ln_weight, P.ln_bias, spec.ln_eps)
 
 
+def forms_sum(P: FusionParams, spec: LayerSpec, prims) -> bool:
+    """Whether :func:`prologue` forms ``h + input_tensor`` itself (its ``pre``): the adapter reads
+    the norm of the sum and the site is norm-free, its norm is a separate op (the site's own
+    module, a backend with a separate norm) or ``residual_before_ln="post_add"`` needs the sum."""
+    return spec.original_ln_before and (not spec.layer_norm or spec.residual_before_ln == "post_add"
+                                        or P.norm_module is not None or prims.norm is not None)
+
+
 def prologue(h: torch.Tensor, input_tensor: torch.Tensor, P: FusionParams, spec: LayerSpec, prims):
     """``Adapter.pre_forward``: returns (x, query, residual, pre).
 
@@ -70,9 +78,7 @@ def prologue(h: torch.Tensor, input_tensor: torch.Tensor, P: FusionParams, spec:
     pre = None
     if not spec.original_ln_before:
         x = h
-    elif not spec.layer_norm:
-        x = pre = h + input_tensor
-    elif spec.residual_before_ln == "post_add" or P.norm_module is not None or prims.norm is not None:
+    elif forms_sum(P, spec, prims):
         pre = h + input_tensor
         x = norm_only(prims, pre, P, spec)
     else:

@@ -17,7 +17,11 @@ repository, run the tests named for it, and report every mutant that no test kil
 Before the mutants, each distinct test selection runs once on the unmutated copy (``--no-baseline``
 skips this): a selection that fails there cannot judge a mutant, and the run stops.
 
-Mutants marked ``needs: gpu`` (``csrc/``) are killed only by tests of the CUDA kernels: without a
+Every run sets ``AFKERN_JIT_BUILD=1``: the copy holds no built extension, so the CPU extension
+(``csrc/cpu/``, which mutants may change) is compiled from the copy's sources at first use, in
+``scratch/ext-cpu/<hash of the sources>`` (a mutant's sources build once more: about a minute).
+
+Mutants marked ``needs: gpu`` (``csrc/`` CUDA sources) are killed only by tests of the CUDA kernels: without a
 CUDA device they are reported NEEDS-GPU and not run; with one, the tests run with
 ``AFKERN_TEST_GPU=1 AFKERN_EXPECT_EXTENSION=1 AFKERN_JIT_BUILD=1`` and a fresh
 ``TORCH_EXTENSIONS_DIR``, so the mutated ``csrc/`` is compiled (a minute or two per mutant).
@@ -32,6 +36,8 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import glob
+import hashlib
 import os
 import re
 import shlex
@@ -47,7 +53,7 @@ FIELDS = ("id", "file", "find", "replace", "tests", "needs", "why")
 # left out of the scratch copy: at the top level (version control, venvs, build and run outputs) ...
 TOP_EXCLUDES = (".git", ".venv*", "build", "dist", "*.egg-info", ".gpu", ".whl", ".triton", "out")
 # ... and anywhere (caches; a built extension, which the copy must not load in place of its csrc/)
-ALL_EXCLUDES = ("__pycache__", ".pytest_cache", "_C*.so", "_C*.pyd")
+ALL_EXCLUDES = ("__pycache__", ".pytest_cache", "_C*.so", "_C*.pyd", "_cpu*.so", "_cpu*.pyd")
 
 
 @dataclass
@@ -144,8 +150,20 @@ def has_gpu(python: str) -> bool:
     return r.stdout.strip() == "True"
 
 
+def _cpu_sources_hash(tree: str) -> str:
+    h = hashlib.sha1()
+    for path in sorted(glob.glob(os.path.join(tree, "csrc", "cpu", "*"))):
+        with open(path, "rb") as f:
+            h.update(os.path.basename(path).encode() + b"\0" + f.read())
+    return h.hexdigest()[:16]
+
+
 def run_tests(python: str, tree: str, tests: List[str], gpu: bool, timeout: int, ext_dir: Optional[str] = None):
-    env = dict(os.environ, PYTHONPATH=tree, PYTHONDONTWRITEBYTECODE="1")
+    # the CPU extension (csrc/cpu/) is compiled from the copy's sources at first use, in a folder
+    # named by their hash: ninja judges staleness by mtimes, and the copy keeps the originals' (a
+    # restored source would look older than the mutant's build)
+    env = dict(os.environ, PYTHONPATH=tree, PYTHONDONTWRITEBYTECODE="1", AFKERN_JIT_BUILD="1",
+               TORCH_EXTENSIONS_DIR=os.path.join(os.path.dirname(tree), "ext-cpu", _cpu_sources_hash(tree)))
     if gpu:
         env.pop("TRITON_INTERPRET", None)
         env.update(AFKERN_TEST_GPU="1", AFKERN_EXPECT_EXTENSION="1", AFKERN_JIT_BUILD="1")
